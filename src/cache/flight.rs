@@ -1,0 +1,417 @@
+//! Single-flight downloads with streaming followers.
+//!
+//! The first request for a missing blob starts one detached fetch task
+//! (the *flight*); it does not belong to any client, so it finishes for the
+//! others when the client that started it goes away. The task streams the
+//! upstream body into a temporary file, hashing as it goes, on a blocking
+//! writer thread fed through a bounded channel (network and disk overlap).
+//! After every write it publishes the new length on a `watch` channel.
+//!
+//! Every client, the first one included, is a *reader* of the growing file:
+//! it `pread`s whatever has been written, then waits for more. A reader's
+//! Range is served as soon as its offset is present. The last byte of the
+//! blob is held back until the digest has been verified, so no client can
+//! receive a complete but corrupt blob: on a mismatch or a final upstream
+//! failure every reader's body ends in an error (hyper then aborts the
+//! connection) and nothing is published.
+//!
+//! If the upstream body breaks, the fetch resumes with `Range: bytes=N-`
+//! (bounded attempts) and readers do not notice.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+
+use super::index::Index;
+use super::store::Store;
+use crate::error::Error;
+use crate::registry::digest::Digester;
+use crate::registry::Digest;
+
+/// How many times a broken upstream body is resumed before the flight fails.
+pub const MAX_RESUMES: u32 = 3;
+/// Largest chunk a reader copies out of the growing file at once.
+const READ_CHUNK: u64 = 1 << 20;
+
+/// Where a flight stands; readers watch it.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Size known; `written` bytes are in the file.
+    Streaming {
+        /// Total size.
+        size: u64,
+        /// Bytes written so far.
+        written: u64,
+    },
+    /// Verified and published.
+    Done {
+        /// Total size.
+        size: u64,
+    },
+    /// Failed; nothing was published.
+    Failed(Error),
+}
+
+/// An upstream body, possibly starting at an offset.
+pub struct Body {
+    /// Full size of the blob, when the upstream said.
+    pub size: Option<u64>,
+    /// The bytes from the requested offset on.
+    pub stream: BoxStream<'static, Result<Bytes, Error>>,
+}
+
+/// Opens the upstream body at a byte offset (0, or where to resume).
+pub type Opener = Box<dyn FnMut(u64) -> BoxFuture<'static, Result<Body, Error>> + Send>;
+
+/// One in-progress download.
+pub struct Flight {
+    /// What is being fetched.
+    pub digest: Digest,
+    file: Arc<File>,
+    state: watch::Receiver<State>,
+}
+
+impl Flight {
+    /// Wait until the size is known (or the flight failed).
+    pub async fn size(&self) -> Result<u64, Error> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                State::Connecting => {}
+                State::Streaming { size, .. } | State::Done { size } => return Ok(*size),
+                State::Failed(e) => return Err(e.clone()),
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Internal("download task vanished".into()));
+            }
+        }
+    }
+
+    /// Wait for the final outcome: the size once published, or the error.
+    pub async fn finished(&self) -> Result<u64, Error> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                State::Done { size } => return Ok(*size),
+                State::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Internal("download task vanished".into()));
+            }
+        }
+    }
+
+    /// The bytes `[start, end)` as they arrive. The stream ends with an error
+    /// if the flight fails.
+    pub fn read(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let reader = Reader {
+            file: self.file.clone(),
+            state: self.state.clone(),
+            pos: start,
+            end,
+        };
+        futures_util::stream::unfold(reader, |mut r| async move {
+            match r.next_chunk().await {
+                Ok(Some(b)) => Some((Ok(b), r)),
+                Ok(None) => None,
+                Err(e) => {
+                    // End the stream after the error.
+                    r.state = watch::channel(State::Done { size: 0 }).1;
+                    Some((Err(e), r))
+                }
+            }
+        })
+    }
+}
+
+struct Reader {
+    file: Arc<File>,
+    state: watch::Receiver<State>,
+    pos: u64,
+    end: u64,
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, std::io::Error> {
+        loop {
+            let state = self.state.borrow_and_update().clone();
+            let limit = match state {
+                State::Failed(e) => {
+                    return Err(std::io::Error::other(format!("upstream fetch failed: {e}")))
+                }
+                State::Done { size } => {
+                    let limit = size.min(self.end);
+                    if self.pos >= limit {
+                        return Ok(None);
+                    }
+                    limit
+                }
+                // Hold back the blob's last byte until it is verified.
+                State::Streaming { size, written } if self.end >= size => {
+                    written.min(size.saturating_sub(1))
+                }
+                State::Streaming { .. } if self.pos >= self.end => return Ok(None),
+                State::Streaming { written, .. } => written.min(self.end),
+                State::Connecting => 0,
+            };
+            if limit > self.pos {
+                let (pos, len) = (self.pos, (limit - self.pos).min(READ_CHUNK));
+                let file = self.file.clone();
+                let chunk = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, pos).map(|_| Bytes::from(buf))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                self.pos += len;
+                return Ok(Some(chunk));
+            }
+            if self.state.changed().await.is_err()
+                && !matches!(&*self.state.borrow(), State::Done { .. } | State::Failed(_))
+            {
+                return Err(std::io::Error::other("download task vanished"));
+            }
+        }
+    }
+}
+
+/// The table of flights in progress. The mutex guards only map operations,
+/// never I/O.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+/// Everything a fetch task needs to publish its result.
+pub struct Publish {
+    /// The store to write into.
+    pub store: Arc<Store>,
+    /// The index to record the result in (and reserve space from).
+    pub index: Arc<Index>,
+}
+
+/// Whether the caller started the flight or joined one.
+pub enum Joined {
+    /// This call started it.
+    Leader(Arc<Flight>),
+    /// It was already running.
+    Follower(Arc<Flight>),
+}
+
+impl Joined {
+    /// The flight, whichever role.
+    pub fn flight(&self) -> &Arc<Flight> {
+        match self {
+            Joined::Leader(f) | Joined::Follower(f) => f,
+        }
+    }
+}
+
+impl Flights {
+    /// Join the flight for `digest`, starting it with `opener` if there is none.
+    pub fn join(
+        self: &Arc<Self>,
+        digest: &Digest,
+        publish: Publish,
+        opener: impl FnOnce() -> Opener,
+    ) -> Result<Joined, Error> {
+        let mut map = self.map.lock().expect("flights lock");
+        if let Some(f) = map.get(digest) {
+            return Ok(Joined::Follower(f.clone()));
+        }
+        let (file, tmp) = publish.store.create_tmp()?;
+        let file = Arc::new(file);
+        let (tx, rx) = watch::channel(State::Connecting);
+        let flight = Arc::new(Flight {
+            digest: digest.clone(),
+            file: file.clone(),
+            state: rx,
+        });
+        map.insert(digest.clone(), flight.clone());
+        drop(map);
+        let flights = self.clone();
+        let digest = digest.clone();
+        let opener = opener();
+        tokio::spawn(async move {
+            let result = run(&digest, file, &tmp, &tx, opener, &publish).await;
+            // Leave the table first: a request arriving after this sees the
+            // index (on success) or starts a fresh flight (on failure).
+            flights.map.lock().expect("flights lock").remove(&digest);
+            match result {
+                Ok(size) => {
+                    let _ = tx.send(State::Done { size });
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    if let Error::DigestMismatch { .. } = e {
+                        tracing::warn!(%digest, error = %e, detail = ?e.detail(), "upstream blob failed verification; not cached");
+                    } else {
+                        tracing::debug!(%digest, error = %e, detail = ?e.detail(), "blob fetch failed");
+                    }
+                    let _ = tx.send(State::Failed(e));
+                }
+            }
+        });
+        Ok(Joined::Leader(flight))
+    }
+
+    /// The flight for `digest`, if one is running.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
+        self.map.lock().expect("flights lock").get(digest).cloned()
+    }
+
+    /// Downloads in progress.
+    pub fn in_flight(&self) -> usize {
+        self.map.lock().expect("flights lock").len()
+    }
+}
+
+enum Msg {
+    Size(u64),
+    Data(Bytes),
+    Finish,
+}
+
+/// Fetch, verify, publish. Returns the size.
+async fn run(
+    digest: &Digest,
+    file: Arc<File>,
+    tmp: &std::path::Path,
+    state: &watch::Sender<State>,
+    mut opener: Opener,
+    publish: &Publish,
+) -> Result<u64, Error> {
+    let (tx, rx) = mpsc::channel::<Msg>(64);
+    let writer = {
+        let (file, state, expected) = (file.clone(), state.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || write_loop(rx, &file, &state, &expected))
+    };
+    let pumped = pump(&mut opener, &tx, publish).await;
+    let _ = match &pumped {
+        Ok(()) => tx.send(Msg::Finish).await,
+        Err(_) => Ok(()),
+    };
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Error::Internal(format!("writer task: {e}")))?;
+    pumped?;
+    let size = written?;
+    let (store, tmp_owned, d) = (publish.store.clone(), PathBuf::from(tmp), digest.clone());
+    let ino = tokio::task::spawn_blocking(move || store.publish(&tmp_owned, &d))
+        .await
+        .map_err(|e| Error::Internal(format!("publish task: {e}")))??;
+    publish.index.insert(digest.clone(), size, ino);
+    Ok(size)
+}
+
+/// Move upstream bytes into the writer, resuming broken bodies.
+async fn pump(opener: &mut Opener, tx: &mpsc::Sender<Msg>, publish: &Publish) -> Result<(), Error> {
+    let mut body = opener(0).await?;
+    let size = body.size;
+    let _reservation = size.map(|s| publish.index.reserve(s));
+    if let Some(s) = size {
+        tx.send(Msg::Size(s)).await.map_err(|_| writer_gone())?;
+    }
+    let mut received = 0u64;
+    let mut resumes = 0u32;
+    loop {
+        let broken = match body.stream.next().await {
+            Some(Ok(chunk)) => {
+                received += chunk.len() as u64;
+                if size.is_some_and(|s| received > s) {
+                    return Err(Error::UpstreamFailed(
+                        "upstream sent more bytes than its Content-Length".into(),
+                    ));
+                }
+                tx.send(Msg::Data(chunk)).await.map_err(|_| writer_gone())?;
+                continue;
+            }
+            Some(Err(e)) => e,
+            None if size.is_none_or(|s| received == s) => return Ok(()),
+            None => Error::UpstreamFailed(format!(
+                "upstream body ended at {received} of {} bytes",
+                size.unwrap_or(0)
+            )),
+        };
+        resumes += 1;
+        if resumes > MAX_RESUMES {
+            return Err(broken);
+        }
+        tracing::debug!(error = %broken, received, resumes, "upstream body broke; resuming with Range");
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+        body = opener(received).await?;
+        if body.size.is_some() && size.is_some() && body.size != size {
+            return Err(Error::UpstreamFailed(
+                "blob size changed while resuming".into(),
+            ));
+        }
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::Internal("cache writer stopped".into())
+}
+
+/// Blocking side: hash, write, announce progress; verify at the end.
+fn write_loop(
+    mut rx: mpsc::Receiver<Msg>,
+    mut file: &File,
+    state: &watch::Sender<State>,
+    expected: &Digest,
+) -> Result<u64, Error> {
+    let mut hasher = Digester::default();
+    let mut size = None;
+    let mut written = 0u64;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Size(s) => {
+                size = Some(s);
+                state.send_replace(State::Streaming { size: s, written });
+            }
+            Msg::Data(chunk) => {
+                hasher.update(&chunk);
+                file.write_all(&chunk)?;
+                written += chunk.len() as u64;
+                if let Some(s) = size {
+                    state.send_replace(State::Streaming { size: s, written });
+                }
+            }
+            Msg::Finish => {
+                file.sync_data()?;
+                let actual = hasher.finish();
+                if &actual != expected {
+                    return Err(Error::DigestMismatch {
+                        expected: expected.to_string(),
+                        actual: actual.to_string(),
+                    });
+                }
+                if size.is_none() {
+                    // Unknown length: readers saw nothing yet; they get it all at Done.
+                    state.send_replace(State::Streaming {
+                        size: written,
+                        written,
+                    });
+                }
+                return Ok(written);
+            }
+        }
+    }
+    Err(Error::UpstreamFailed("download aborted".into()))
+}

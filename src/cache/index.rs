@@ -1,0 +1,261 @@
+//! The in-memory index of published content: a size-weighted LRU (moka,
+//! LRU policy so a freshly fetched blob is never refused admission). The
+//! eviction listener unlinks the file; a mapping that is still being served
+//! keeps its inode alive, so streaming clients are not disturbed.
+//!
+//! Downloads in progress are accounted for before they finish with a
+//! reservation entry of the expected size, so that concurrent misses cannot
+//! overrun the disk: the LRU evicts to make room for them up front.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
+
+use super::store::{Scanned, Store};
+use crate::registry::Digest;
+
+/// Index key: published content, or space held for a download.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Blob(Digest),
+    Reservation(u64),
+}
+
+/// What the index knows about a published file.
+#[derive(Debug)]
+pub struct Entry {
+    /// Size in bytes.
+    pub size: u64,
+    /// Inode of the published file (eviction only removes this inode).
+    pub ino: u64,
+    /// Last time the file's mtime was refreshed, in unix seconds.
+    touched: AtomicU64,
+}
+
+impl Entry {
+    /// Whether the on-disk recency should be refreshed now (at most once a
+    /// minute per entry, to keep hits free of metadata writes).
+    pub fn should_touch(&self) -> bool {
+        let now = unix_now();
+        let last = self.touched.load(Ordering::Relaxed);
+        now >= last + 60
+            && self
+                .touched
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// The LRU index. Cheap to share behind an `Arc`; no lock is held across I/O.
+pub struct Index {
+    entries: Cache<Key, Arc<Entry>>,
+    capacity: u64,
+    next_reservation: AtomicU64,
+    evictions: Arc<AtomicU64>,
+}
+
+/// Space held for a download; released on drop.
+pub struct Reservation {
+    index: Arc<Index>,
+    id: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.index.entries.invalidate(&Key::Reservation(self.id));
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// moka weighs in u32; weigh in KiB so a single entry can be up to 4 TiB.
+fn weight(size: u64) -> u32 {
+    u32::try_from(size.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
+impl Index {
+    /// An empty index bounded to `capacity` bytes whose evictions unlink
+    /// files from `store`.
+    pub fn new(capacity: u64, store: Arc<Store>) -> Index {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counter = evictions.clone();
+        let entries = Cache::builder()
+            .max_capacity(capacity.div_ceil(1024).max(1))
+            .eviction_policy(EvictionPolicy::lru())
+            .weigher(|k: &Key, e: &Arc<Entry>| match k {
+                Key::Blob(_) | Key::Reservation(_) => weight(e.size),
+            })
+            .eviction_listener(move |k: Arc<Key>, e: Arc<Entry>, cause| {
+                // Explicit removals (a vanished file) and replacements keep the file.
+                if !matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    return;
+                }
+                if let Key::Blob(d) = &*k {
+                    match store.remove_blob(d, e.ino) {
+                        Ok(true) => {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(digest = %d, size = e.size, "evicted");
+                        }
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, digest = %d, "could not remove an evicted blob")
+                        }
+                    }
+                }
+            })
+            .build();
+        Index {
+            entries,
+            capacity,
+            next_reservation: AtomicU64::new(0),
+            evictions,
+        }
+    }
+
+    /// Rebuild from a scan of the store (least recent first, so the LRU order
+    /// is restored).
+    pub fn load(&self, scanned: Vec<Scanned>) {
+        for s in scanned {
+            let touched = s
+                .last_used
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.entries.insert(
+                Key::Blob(s.digest),
+                Arc::new(Entry {
+                    size: s.size,
+                    ino: s.ino,
+                    touched: AtomicU64::new(touched),
+                }),
+            );
+        }
+        self.entries.run_pending_tasks();
+    }
+
+    /// Look up published content; counts as a use.
+    pub fn get(&self, d: &Digest) -> Option<Arc<Entry>> {
+        self.entries.get(&Key::Blob(d.clone()))
+    }
+
+    /// Whether content is published, without counting a use.
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.entries.contains_key(&Key::Blob(d.clone()))
+    }
+
+    /// Record newly published content and evict what no longer fits.
+    pub fn insert(&self, d: Digest, size: u64, ino: u64) {
+        let e = Arc::new(Entry {
+            size,
+            ino,
+            touched: AtomicU64::new(unix_now()),
+        });
+        self.entries.insert(Key::Blob(d), e);
+        self.entries.run_pending_tasks();
+    }
+
+    /// Forget an entry whose file has gone (nothing is unlinked).
+    pub fn forget(&self, d: &Digest) {
+        self.entries.invalidate(&Key::Blob(d.clone()));
+    }
+
+    /// Hold `size` bytes for a download in progress.
+    pub fn reserve(self: &Arc<Self>, size: u64) -> Reservation {
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        let e = Arc::new(Entry {
+            size,
+            ino: 0,
+            touched: AtomicU64::new(0),
+        });
+        self.entries.insert(Key::Reservation(id), e);
+        self.entries.run_pending_tasks();
+        Reservation {
+            index: self.clone(),
+            id,
+        }
+    }
+
+    /// Bytes accounted (published + reserved), rounded up to KiB.
+    pub fn weighted_bytes(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size() * 1024
+    }
+
+    /// Configured bound in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Number of entries (published and reserved).
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Evictions since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_least_recent_and_unlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(10 * 1024, store.clone());
+        let mut ds = Vec::new();
+        for i in 0..3u8 {
+            let body = vec![i; 4096];
+            let d = Digest::of(&body);
+            let ino = store.publish_bytes(&d, &body).unwrap();
+            index.insert(d.clone(), 4096, ino);
+            ds.push(d);
+            if i == 1 {
+                assert!(index.get(&ds[0]).is_some()); // make 0 more recent than 1
+            }
+        }
+        assert!(index.weighted_bytes() <= 10 * 1024);
+        assert!(index.contains(&ds[0]) && index.contains(&ds[2]));
+        assert!(!index.contains(&ds[1]));
+        assert!(
+            store.open_published(&ds[1]).unwrap().is_none(),
+            "evicted file unlinked"
+        );
+        assert_eq!(index.evictions(), 1);
+    }
+
+    #[test]
+    fn reservations_make_room_and_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Arc::new(Index::new(8 * 1024, store.clone()));
+        let body = vec![1u8; 4096];
+        let d = Digest::of(&body);
+        let ino = store.publish_bytes(&d, &body).unwrap();
+        index.insert(d.clone(), 4096, ino);
+        {
+            let _r = index.reserve(6 * 1024);
+            assert!(!index.contains(&d), "room was made for the download");
+            assert!(index.weighted_bytes() <= 8 * 1024);
+        }
+        assert_eq!(index.weighted_bytes(), 0, "released on drop");
+    }
+}

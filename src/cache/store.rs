@@ -1,0 +1,309 @@
+//! The on-disk layout and every file operation on it.
+//!
+//! ```text
+//! <root>/blobs/sha256/<ab>/<hex>       content (blobs and manifests), published by rename only
+//! <root>/manifests/sha256/<ab>/<hex>   the media type of a manifest stored in blobs/
+//! <root>/tags/<registry>/<repo>/_tags/<tag>   tag -> digest record (JSON)
+//! <root>/tmp/                          in-progress downloads; emptied at start
+//! ```
+//! `_tags` cannot collide with a repository component: those start with
+//! `[a-z0-9]`. Paths are built only from validated newtypes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use crate::registry::{Digest, RegistryHost, Repository, Tag};
+
+/// Handle to the cache directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+/// A published blob found by [`Store::scan`].
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    /// Its digest (from the file name, which is trusted: only verified
+    /// content is ever renamed there).
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Inode, to tell a re-published file from the one an eviction meant.
+    pub ino: u64,
+    /// Last recorded use (mtime; see [`Store::touch`]).
+    pub last_used: SystemTime,
+}
+
+impl Store {
+    /// Open (creating if needed) a cache directory and remove leftovers of
+    /// interrupted downloads.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        for sub in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            tmp_seq: AtomicU64::new(0),
+        };
+        store.clean_tmp()?;
+        Ok(store)
+    }
+
+    /// The cache root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn clean_tmp(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in fs::read_dir(self.root.join("tmp"))? {
+            let entry = entry?;
+            if fs::remove_file(entry.path()).is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                files = n,
+                "removed temporary files of interrupted downloads"
+            );
+        }
+        Ok(n)
+    }
+
+    fn sharded(&self, top: &str, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root.join(top).join("sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// Where a published blob lives.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.sharded("blobs", d)
+    }
+
+    /// Open a published blob read-only, with its size and inode.
+    pub fn open_published(&self, d: &Digest) -> io::Result<Option<(File, u64, u64)>> {
+        match File::open(self.blob_path(d)) {
+            Ok(f) => {
+                let md = f.metadata()?;
+                Ok(Some((f, md.len(), md.ino())))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create a fresh temporary file for a download.
+    pub fn create_tmp(&self) -> io::Result<(File, PathBuf)> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.root.join("tmp").join(format!(
+            "{}-{n}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((f, path))
+    }
+
+    /// Publish a verified, fsynced temporary file under its digest; returns
+    /// the new inode. Rename is atomic: readers see the old entry, or none,
+    /// or the complete new file, never a partial one.
+    pub fn publish(&self, tmp: &Path, d: &Digest) -> io::Result<u64> {
+        let dest = self.blob_path(d);
+        fs::create_dir_all(dest.parent().expect("sharded path has a parent"))?;
+        fs::rename(tmp, &dest)?;
+        Ok(fs::metadata(&dest)?.ino())
+    }
+
+    /// Write small content (a manifest) through tmp + fsync + rename.
+    pub fn publish_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<u64> {
+        let (mut f, tmp) = self.create_tmp()?;
+        let res = f
+            .write_all(bytes)
+            .and_then(|_| f.sync_data())
+            .and_then(|_| self.publish(&tmp, d));
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Record a manifest's media type (written before its content is published).
+    pub fn write_media_type(&self, d: &Digest, media_type: &str) -> io::Result<()> {
+        self.write_atomic(&self.sharded("manifests", d), media_type.as_bytes())
+    }
+
+    /// A manifest's media type, if recorded.
+    pub fn read_media_type(&self, d: &Digest) -> io::Result<Option<String>> {
+        read_optional(&self.sharded("manifests", d))
+            .map(|o| o.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Where the record of `registry/repo:tag` lives.
+    pub fn tag_path(&self, registry: &RegistryHost, repo: &Repository, tag: &Tag) -> PathBuf {
+        self.root
+            .join("tags")
+            .join(registry.as_str())
+            .join(repo.as_str())
+            .join("_tags")
+            .join(tag.as_str())
+    }
+
+    /// Read a tag record's bytes.
+    pub fn read_tag(
+        &self,
+        registry: &RegistryHost,
+        repo: &Repository,
+        tag: &Tag,
+    ) -> io::Result<Option<Vec<u8>>> {
+        read_optional(&self.tag_path(registry, repo, tag))
+    }
+
+    /// Replace a tag record atomically.
+    pub fn write_tag(
+        &self,
+        registry: &RegistryHost,
+        repo: &Repository,
+        tag: &Tag,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        self.write_atomic(&self.tag_path(registry, repo, tag), bytes)
+    }
+
+    /// Crash-safe small write: tmp in the same directory, fsync, rename.
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let (mut f, tmp) = self.create_tmp()?;
+        let res = (|| {
+            f.write_all(bytes)?;
+            f.sync_data()?;
+            fs::create_dir_all(dest.parent().expect("absolute path"))?;
+            fs::rename(&tmp, dest)
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Remove a published blob if it is still the inode the caller means
+    /// (an eviction must not remove a newer copy published meanwhile).
+    pub fn remove_blob(&self, d: &Digest, ino: u64) -> io::Result<bool> {
+        let path = self.blob_path(d);
+        match fs::metadata(&path) {
+            Ok(md) if md.ino() == ino => {
+                fs::remove_file(&path)?;
+                let _ = fs::remove_file(self.sharded("manifests", d));
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Record a use of a published file (its mtime), so that recency
+    /// survives a restart. The content is not touched.
+    pub fn touch(file: &File) {
+        let _ = file.set_modified(SystemTime::now());
+    }
+
+    /// Every published blob, least recently used first.
+    pub fn scan(&self) -> io::Result<Vec<Scanned>> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(self.root.join("blobs/sha256"))? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+                else {
+                    tracing::warn!(path = %entry.path().display(), "ignoring a file that is not named by a digest");
+                    continue;
+                };
+                let md = entry.metadata()?;
+                if !md.is_file() {
+                    continue;
+                }
+                out.push(Scanned {
+                    digest,
+                    size: md.len(),
+                    ino: md.ino(),
+                    last_used: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        out.sort_by_key(|s| s.last_used);
+        Ok(out)
+    }
+}
+
+fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_scan_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest::of(b"abc");
+        let ino = store.publish_bytes(&d, b"abc").unwrap();
+        let (_, size, ino2) = store.open_published(&d).unwrap().unwrap();
+        assert_eq!((size, ino2), (3, ino));
+        let scanned = store.scan().unwrap();
+        assert_eq!(scanned.len(), 1);
+        assert_eq!(scanned[0].digest, d);
+        assert!(
+            !store.remove_blob(&d, ino + 1).unwrap(),
+            "another inode is left alone"
+        );
+        assert!(store.remove_blob(&d, ino).unwrap());
+        assert!(store.open_published(&d).unwrap().is_none());
+    }
+
+    #[test]
+    fn leftover_tmp_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_f, p) = store.create_tmp().unwrap();
+        assert!(p.exists());
+        drop(store);
+        Store::open(dir.path()).unwrap();
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn tag_records_do_not_collide_with_nested_repos() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reg: RegistryHost = "docker.io".parse().unwrap();
+        let a: Repository = "a/b".parse().unwrap();
+        let ab: Repository = "a/b/c".parse().unwrap();
+        let c: Tag = "c".parse().unwrap();
+        store.write_tag(&reg, &a, &c, b"one").unwrap();
+        store.write_tag(&reg, &ab, &c, b"two").unwrap();
+        assert_eq!(store.read_tag(&reg, &a, &c).unwrap().unwrap(), b"one");
+        assert_eq!(store.read_tag(&reg, &ab, &c).unwrap().unwrap(), b"two");
+    }
+}

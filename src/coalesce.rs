@@ -1,0 +1,99 @@
+//! Coalescing of identical concurrent upstream calls (manifest HEADs and
+//! GETs, tag revalidations): the first caller starts a detached task, the
+//! others await the same shared result. The task does not belong to any
+//! client, so a client that disconnects does not cancel it for the others.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Mutex;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+use crate::error::Error;
+
+type SharedResult<V> = Shared<BoxFuture<'static, Result<V, Error>>>;
+
+/// A table of calls in progress, keyed by what they fetch.
+pub struct Coalescer<K, V: Clone> {
+    calls: Mutex<HashMap<K, SharedResult<V>>>,
+}
+
+impl<K, V: Clone> Default for Coalescer<K, V> {
+    fn default() -> Self {
+        Coalescer {
+            calls: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K, V> Coalescer<K, V>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Run `make()` unless an identical call is in progress; either way,
+    /// return its result. The second value says whether this caller joined
+    /// another's call.
+    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (Result<V, Error>, bool)
+    where
+        F: Future<Output = Result<V, Error>> + Send + 'static,
+    {
+        let (fut, joined) = {
+            let mut calls = self.calls.lock().expect("coalescer lock");
+            match calls.get(&key) {
+                Some(f) => (f.clone(), true),
+                None => {
+                    let task = tokio::spawn(make());
+                    let f = async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(Error::Internal(format!("task failed: {e}"))))
+                    }
+                    .boxed()
+                    .shared();
+                    calls.insert(key.clone(), f.clone());
+                    (f, false)
+                }
+            }
+        };
+        let out = fut.clone().await;
+        let mut calls = self.calls.lock().expect("coalescer lock");
+        if calls.get(&key).is_some_and(|f| f.ptr_eq(&fut)) {
+            calls.remove(&key);
+        }
+        (out, joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn one_call_for_many_waiters() {
+        let c: Arc<Coalescer<&'static str, u32>> = Arc::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (c, calls) = (c.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                c.run("k", || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(7)
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().0.unwrap(), 7);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Finished calls are forgotten: the next one runs again.
+        let (v, joined) = c.run("k", || async { Ok(8) }).await;
+        assert_eq!((v.unwrap(), joined), (8, false));
+    }
+}

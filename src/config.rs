@@ -1,0 +1,590 @@
+//! Command line, config file and the validated [`Config`] the daemon runs on.
+//!
+//! Precedence: flag > environment variable (every flag has a `BERTH_*` twin,
+//! via clap) > config file (`--config`, TOML) > embedded defaults. Loading is
+//! a pure function of the parsed arguments and the file text, so tests never
+//! touch the process environment. Unknown keys in the file are errors that
+//! name the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use url::Url;
+
+use crate::registry::RegistryHost;
+
+/// `berth`: a node-local pull-through OCI registry mirror.
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the mirror.
+    Serve(ServeArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `berth serve`. Every one has an environment twin.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file adding or overriding registries and settings.
+    #[arg(long, short = 'c', env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve the registry API on.
+    #[arg(long, env = "BERTH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the on-disk cache.
+    #[arg(long, env = "BERTH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Mirror a registry from an upstream URL: `REGISTRY=URL`, e.g.
+    /// `docker.io=http://127.0.0.1:5001`. Repeatable; comma-separated in the env var.
+    #[arg(long = "upstream", env = "BERTH_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// Registry for requests that name none (no `?ns=`, no host in the path).
+    #[arg(long, env = "BERTH_DEFAULT_REGISTRY")]
+    pub default_registry: Option<String>,
+    /// How long a tag->digest answer is trusted before it is revalidated with a HEAD.
+    #[arg(long, env = "BERTH_TAG_TTL", value_parser = humantime::parse_duration)]
+    pub tag_ttl: Option<Duration>,
+    /// Cache size bound: bytes with a unit (`20GiB`) or a share of the filesystem (`50%`).
+    #[arg(long, env = "BERTH_CACHE_CAPACITY")]
+    pub cache_capacity: Option<String>,
+    /// Upstream connect timeout; a miss whose upstream is unreachable fails this fast.
+    #[arg(long, env = "BERTH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Upstream read timeout: a stalled upstream body fails after this long.
+    #[arg(long, env = "BERTH_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub read_timeout: Option<Duration>,
+    /// Separate listener for /metrics, /livez and /readyz (e.g. the node IP).
+    #[arg(long, env = "BERTH_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The config file. Every field is optional; unknown keys are errors.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<SocketAddr>,
+    cache_dir: Option<PathBuf>,
+    default_registry: Option<String>,
+    #[serde(with = "humantime_serde")]
+    tag_ttl: Option<Duration>,
+    cache_capacity: Option<String>,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    read_timeout: Option<Duration>,
+    metrics_listen: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
+    registries: BTreeMap<String, FileRegistry>,
+}
+
+/// One `[registries."host"]` table.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileRegistry {
+    url: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    ca_file: Option<PathBuf>,
+    insecure: bool,
+}
+
+/// Upstream credentials. `Debug` never prints the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// Username and password: Basic auth, also used to obtain bearer tokens.
+    Basic {
+        /// The user (printed).
+        username: String,
+        /// The password (never printed).
+        password: String,
+    },
+    /// A static bearer token.
+    Token(String),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::Token(_) => f.debug_tuple("Token").field(&"<redacted>").finish(),
+        }
+    }
+}
+
+/// A mirrored registry, validated.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// The registry host clients name (`docker.io`).
+    pub host: RegistryHost,
+    /// Where berth fetches from (`https://registry-1.docker.io`).
+    pub url: Url,
+    /// Upstream credentials, if any.
+    pub credentials: Option<Credentials>,
+    /// Extra PEM CA bundle trusted for this upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Skip TLS verification (explicit opt-in, warned about at start).
+    pub insecure: bool,
+}
+
+/// How big the cache may grow.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Capacity {
+    /// An absolute number of bytes.
+    Bytes(u64),
+    /// A share (0 < f <= 1) of the cache filesystem's size.
+    Share(f64),
+}
+
+/// The validated configuration the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Registry API listener.
+    pub listen: SocketAddr,
+    /// Cache directory.
+    pub cache_dir: PathBuf,
+    /// Registry used when a request names none.
+    pub default_registry: RegistryHost,
+    /// Tag revalidation interval.
+    pub tag_ttl: Duration,
+    /// Cache size bound.
+    pub capacity: Capacity,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Upstream read (stall) timeout.
+    pub read_timeout: Duration,
+    /// Metrics/probe listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Mirrored registries by host.
+    pub registries: BTreeMap<RegistryHost, RegistryConfig>,
+}
+
+/// The embedded registry table (`berth serve` with no config).
+pub const DEFAULT_REGISTRIES: &[(&str, &str)] = &[
+    ("docker.io", "https://registry-1.docker.io"),
+    ("ghcr.io", "https://ghcr.io"),
+    ("quay.io", "https://quay.io"),
+    ("registry.k8s.io", "https://registry.k8s.io"),
+    ("gcr.io", "https://gcr.io"),
+    ("public.ecr.aws", "https://public.ecr.aws"),
+    ("mcr.microsoft.com", "https://mcr.microsoft.com"),
+];
+/// Default listen address: loopback only; containerd on the node reaches it.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
+/// Default cache directory when running as a service.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/berth";
+/// Default tag TTL.
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+/// Default cache bound: half of the cache filesystem.
+pub const DEFAULT_CAPACITY: Capacity = Capacity::Share(0.5);
+/// Default connect timeout: short, so containerd falls back quickly.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default read timeout.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A config problem, phrased for a person.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    /// Read the `--config` file if any and build the config.
+    pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let text = match &args.config {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        Config::load(args, text.as_deref(), args.config.as_deref())
+    }
+
+    /// Build the config from parsed flags and the file's text (pure).
+    pub fn load(
+        args: &ServeArgs,
+        file_text: Option<&str>,
+        file_path: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let where_ = file_path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "config".into());
+        let file: FileConfig = match file_text {
+            Some(text) => toml::from_str(text)
+                .map_err(|e| err(format!("{where_}: {}", e.to_string().trim())))?,
+            None => FileConfig::default(),
+        };
+
+        let mut registries = BTreeMap::new();
+        for (host, url) in DEFAULT_REGISTRIES {
+            let host: RegistryHost = host.parse().expect("default host");
+            registries.insert(
+                host.clone(),
+                RegistryConfig::plain(host, Url::parse(url).expect("default url")),
+            );
+        }
+        for (name, reg) in file.registries {
+            let host: RegistryHost = name.parse().map_err(|_| {
+                err(format!(
+                    "{where_}: registries.\"{name}\": not a registry host name"
+                ))
+            })?;
+            let ctx = format!("{where_}: registries.\"{name}\"");
+            let base = registries.remove(&host);
+            let url = match (&reg.url, &base) {
+                (Some(u), _) => {
+                    parse_upstream_url(u).map_err(|e| err(format!("{ctx}.url: {e}")))?
+                }
+                (None, Some(b)) => b.url.clone(),
+                (None, None) => {
+                    return Err(err(format!(
+                        "{ctx}: `url` is required for a registry berth does not know"
+                    )))
+                }
+            };
+            let credentials = match (reg.username, reg.password, reg.token) {
+                (None, None, None) => None,
+                (Some(username), Some(password), None) => {
+                    Some(Credentials::Basic { username, password })
+                }
+                (None, None, Some(token)) => Some(Credentials::Token(token)),
+                (Some(_), None, _) | (None, Some(_), _) => {
+                    return Err(err(format!("{ctx}: `username` and `password` go together")))
+                }
+                _ => {
+                    return Err(err(format!(
+                        "{ctx}: give either `username`/`password` or `token`, not both"
+                    )))
+                }
+            };
+            if let Some(ca) = &reg.ca_file {
+                if !ca.is_file() {
+                    return Err(err(format!(
+                        "{ctx}.ca_file: {} is not a readable file",
+                        ca.display()
+                    )));
+                }
+            }
+            registries.insert(
+                host.clone(),
+                RegistryConfig {
+                    host,
+                    url,
+                    credentials,
+                    ca_file: reg.ca_file,
+                    insecure: reg.insecure,
+                },
+            );
+        }
+        for spec in &args.upstreams {
+            let (name, url) = spec
+                .split_once('=')
+                .ok_or_else(|| err(format!("--upstream {spec:?}: expected REGISTRY=URL")))?;
+            let host: RegistryHost = name.parse().map_err(|_| {
+                err(format!(
+                    "--upstream {spec:?}: {name:?} is not a registry host"
+                ))
+            })?;
+            let url =
+                parse_upstream_url(url).map_err(|e| err(format!("--upstream {spec:?}: {e}")))?;
+            match registries.get_mut(&host) {
+                Some(existing) => existing.url = url,
+                None => {
+                    registries.insert(host.clone(), RegistryConfig::plain(host, url));
+                }
+            }
+        }
+
+        let default_registry = args
+            .default_registry
+            .clone()
+            .or(file.default_registry)
+            .unwrap_or_else(|| "docker.io".into());
+        let default_registry: RegistryHost = default_registry.parse().map_err(|_| {
+            err(format!(
+                "default registry {default_registry:?} is not a registry host"
+            ))
+        })?;
+        if !registries.contains_key(&default_registry) {
+            return Err(err(format!(
+                "default registry {default_registry} is not one of the mirrored registries"
+            )));
+        }
+        let capacity = match args
+            .cache_capacity
+            .as_deref()
+            .or(file.cache_capacity.as_deref())
+        {
+            Some(s) => parse_capacity(s).map_err(|e| err(format!("cache capacity {s:?}: {e}")))?,
+            None => DEFAULT_CAPACITY,
+        };
+        let listen = match args.listen.or(file.listen) {
+            Some(l) => l,
+            None => DEFAULT_LISTEN.parse().expect("default listen"),
+        };
+        Ok(Config {
+            listen,
+            cache_dir: args
+                .cache_dir
+                .clone()
+                .or(file.cache_dir)
+                .unwrap_or_else(default_cache_dir),
+            default_registry,
+            tag_ttl: args.tag_ttl.or(file.tag_ttl).unwrap_or(DEFAULT_TAG_TTL),
+            capacity,
+            connect_timeout: args
+                .connect_timeout
+                .or(file.connect_timeout)
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            read_timeout: args
+                .read_timeout
+                .or(file.read_timeout)
+                .unwrap_or(DEFAULT_READ_TIMEOUT),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            registries,
+        })
+    }
+}
+
+impl RegistryConfig {
+    fn plain(host: RegistryHost, url: Url) -> Self {
+        RegistryConfig {
+            host,
+            url,
+            credentials: None,
+            ca_file: None,
+            insecure: false,
+        }
+    }
+}
+
+/// `/var/lib/berth` when it is usable (a service), else the user's cache
+/// directory, so `cargo run -- serve` works without root.
+fn default_cache_dir() -> PathBuf {
+    let system = PathBuf::from(DEFAULT_CACHE_DIR);
+    let usable = std::fs::create_dir_all(&system).is_ok() && tempfile_probe(&system);
+    if usable {
+        return system;
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("berth")
+}
+
+fn tempfile_probe(dir: &Path) -> bool {
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+fn parse_upstream_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{s:?}: the scheme must be http or https"));
+    }
+    if url.host_str().is_none() {
+        return Err(format!("{s:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("put credentials in `username`/`password`, not in the URL".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?}: an upstream URL takes no query or fragment"));
+    }
+    Ok(url)
+}
+
+/// `20GiB`, `500MB`, `1048576`, or `50%`.
+pub fn parse_capacity(s: &str) -> Result<Capacity, String> {
+    let s = s.trim();
+    if let Some(pct) = s.strip_suffix('%') {
+        let v: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| "not a percentage".to_string())?;
+        if !(v > 0.0 && v <= 100.0) {
+            return Err("a percentage must be in (0, 100]".into());
+        }
+        return Ok(Capacity::Share(v / 100.0));
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| "expected a number with an optional unit".to_string())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "ki" | "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mi" | "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gi" | "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "ti" | "tib" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?}")),
+    };
+    let bytes = (num * mult as f64) as u64;
+    if bytes == 0 {
+        return Err("capacity must be positive".into());
+    }
+    Ok(Capacity::Bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs::default()
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::load(&args(), None, None).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.default_registry.as_str(), "docker.io");
+        let dh = &c.registries[&"docker.io".parse().unwrap()];
+        assert_eq!(dh.url.as_str(), "https://registry-1.docker.io/");
+        for (h, _) in DEFAULT_REGISTRIES {
+            assert!(c.registries.contains_key(&h.parse().unwrap()), "{h}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file_and_add_registries() {
+        let mut a = args();
+        a.upstreams = vec![
+            "docker.io=http://127.0.0.1:5001".into(),
+            "my.reg:5000=http://127.0.0.1:5002".into(),
+        ];
+        a.tag_ttl = Some(Duration::from_secs(7));
+        let file = r#"
+            tag_ttl = "1m"
+            cache_capacity = "10GiB"
+            [registries."docker.io"]
+            url = "https://hub.example.com"
+            username = "robot"
+            password = "s3cret"
+        "#;
+        let c = Config::load(&a, Some(file), None).unwrap();
+        assert_eq!(c.tag_ttl, Duration::from_secs(7));
+        assert_eq!(c.capacity, Capacity::Bytes(10 << 30));
+        let dh = &c.registries[&"docker.io".parse().unwrap()];
+        assert_eq!(dh.url.as_str(), "http://127.0.0.1:5001/");
+        assert!(matches!(dh.credentials, Some(Credentials::Basic { .. })));
+        assert!(c.registries.contains_key(&"my.reg:5000".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::load(&args(), Some("listen_addr = \"x\""), None).unwrap_err();
+        assert!(e.0.contains("listen_addr"), "{e}");
+        let e = Config::load(
+            &args(),
+            Some("[registries.\"docker.io\"]\nusr = \"x\""),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("usr"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let mut a = args();
+        a.upstreams = vec!["docker.io".into()];
+        assert!(Config::load(&a, None, None)
+            .unwrap_err()
+            .0
+            .contains("REGISTRY=URL"));
+        a.upstreams = vec!["docker.io=ftp://x".into()];
+        assert!(Config::load(&a, None, None)
+            .unwrap_err()
+            .0
+            .contains("scheme"));
+        let e = Config::load(
+            &args(),
+            Some("[registries.\"new.io\"]\ninsecure = true"),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("url"), "{e}");
+        let e = Config::load(
+            &args(),
+            Some("[registries.\"docker.io\"]\nusername = \"u\""),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("password"), "{e}");
+        let mut a = args();
+        a.default_registry = Some("nope.io".into());
+        assert!(Config::load(&a, None, None).is_err());
+    }
+
+    #[test]
+    fn capacities() {
+        assert_eq!(parse_capacity("50%").unwrap(), Capacity::Share(0.5));
+        assert_eq!(parse_capacity("1GiB").unwrap(), Capacity::Bytes(1 << 30));
+        assert_eq!(
+            parse_capacity("1.5 GB").unwrap(),
+            Capacity::Bytes(1_500_000_000)
+        );
+        assert_eq!(parse_capacity("4096").unwrap(), Capacity::Bytes(4096));
+        assert!(parse_capacity("0").is_err());
+        assert!(parse_capacity("150%").is_err());
+        assert!(parse_capacity("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let c = Credentials::Basic {
+            username: "robot".into(),
+            password: "hunter2".into(),
+        };
+        let d = format!("{c:?}");
+        assert!(d.contains("robot") && !d.contains("hunter2"), "{d}");
+        assert!(!format!("{:?}", Credentials::Token("tok123".into())).contains("tok123"));
+    }
+}

@@ -1,0 +1,99 @@
+//! berth: a node-local, pull-through OCI registry mirror.
+//!
+//! containerd (through `hosts.toml`), k3s (through `registries.yaml`),
+//! skopeo and other clients pull through berth; it answers from an on-disk,
+//! mmap-served LRU cache, fetches each missing blob from upstream exactly
+//! once however many clients ask at the same moment, streams it to all of
+//! them while it downloads, and publishes it only after its sha256 matched.
+//!
+//! # Layout
+//!
+//! - [`config`]: command line, config file, the validated [`config::Config`].
+//! - [`error`]: the error type and its one mapping to HTTP status + OCI code.
+//! - [`registry`]: OCI wire types (names, references, digests, media types,
+//!   the error envelope); pure and validated.
+//! - [`server`]: accept loop, routing ([`server::route`]), handlers, Range,
+//!   responses, access log.
+//! - [`upstream`]: reqwest clients per registry, bearer/basic auth
+//!   ([`upstream::auth`]), redirects with an SSRF guard.
+//! - [`cache`]: the store on disk ([`cache::store`]), the LRU index
+//!   ([`cache::index`]), single-flight downloads with streaming followers
+//!   ([`cache::flight`]), and the one module with `unsafe` ([`cache::mmap`]).
+//! - [`coalesce`]: one upstream call for many identical concurrent requests.
+//! - [`state`]: the shared [`state::AppState`].
+//! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+#![deny(missing_docs)]
+
+pub mod cache;
+pub mod coalesce;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;
+
+use std::future::Future;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use config::{Capacity, Config};
+use state::AppState;
+
+/// Build the shared state: open the cache (rebuilding its index) and the
+/// upstream clients. Never contacts an upstream, so berth starts offline.
+pub fn build_state(config: Config) -> anyhow::Result<AppState> {
+    std::fs::create_dir_all(&config.cache_dir).with_context(|| {
+        format!(
+            "cannot create cache directory {}",
+            config.cache_dir.display()
+        )
+    })?;
+    let capacity = match config.capacity {
+        Capacity::Bytes(b) => b,
+        Capacity::Share(f) => {
+            let total = fs4::total_space(&config.cache_dir).with_context(|| {
+                format!(
+                    "cannot read the size of the filesystem of {}",
+                    config.cache_dir.display()
+                )
+            })?;
+            (total as f64 * f) as u64
+        }
+    };
+    let cache = cache::Cache::open(&config.cache_dir, capacity)
+        .with_context(|| format!("cannot open cache directory {}", config.cache_dir.display()))?;
+    let upstreams = upstream::Upstreams::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let metrics = metrics::Metrics::register().context("registering metrics")?;
+    Ok(AppState::new(config, cache, upstreams, metrics))
+}
+
+/// Serve the registry API (and, if given, the metrics listener) until
+/// `shutdown` resolves. Listeners are bound by the caller (tests use port 0).
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let metrics = metrics_listener.map(|l| {
+        let st = state.clone();
+        let rx = rx.clone();
+        tokio::spawn(async move { server::run(l, st, server::Role::Metrics, wait(rx)).await })
+    });
+    server::run(listener, state, server::Role::Registry, wait(rx)).await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
+}

@@ -1,0 +1,69 @@
+//! The `berth` binary: parse arguments, set up logging, load the config,
+//! bind, and run the library until SIGTERM or Ctrl-C.
+
+use clap::Parser;
+
+use berth::config::{Cli, Command, Config};
+
+/// sysexits.h EX_USAGE: a bad command line or config.
+const EX_USAGE: i32 = 64;
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match Config::from_args(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: invalid configuration: {e}");
+                    std::process::exit(EX_USAGE);
+                }
+            };
+            berth::telemetry::init(config.log_format);
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            if let Err(e) = rt.block_on(serve(config)) {
+                tracing::error!(error = format!("{e:#}"), "berth failed");
+                eprintln!("berth: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting berth");
+    let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
+    let cache_dir = config.cache_dir.clone();
+    for (host, reg) in &config.registries {
+        tracing::info!(registry = %host, upstream = %berth::upstream::redact(&reg.url), auth = reg.credentials.is_some(), "mirroring");
+    }
+    let state = berth::build_state(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let metrics_listener = match metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %listener.local_addr()?, metrics = ?metrics_listen, cache_dir = %cache_dir.display(), "berth ready");
+    berth::serve(state, listener, metrics_listener, shutdown_signal()).await;
+    tracing::info!("berth stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

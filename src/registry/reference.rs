@@ -1,0 +1,237 @@
+//! Repository names, tags, references and registry hosts, each a newtype
+//! that can only be built through the distribution-spec grammar (anchored),
+//! so that a value that exists is safe as a path component.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use super::digest::{Digest, DigestError};
+
+/// `<name>` grammar from the distribution spec (PROTOCOL.md 4.3).
+static NAME_RE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$",
+    )
+    .expect("name regex")
+});
+/// Tag grammar from the distribution spec.
+static TAG_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").expect("tag regex"));
+/// A registry host with an optional port, as containerd sends it in `?ns=`.
+static HOST_RE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*(?::[0-9]{1,5})?$")
+        .expect("host regex")
+});
+
+/// Longest repository name berth accepts (distribution's limit).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A validated repository name such as `library/nginx`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Repository(String);
+
+impl Repository {
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Repository {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.len() > MAX_NAME_LEN || !NAME_RE.is_match(s) {
+            return Err(s.to_owned());
+        }
+        Ok(Repository(s.to_owned()))
+    }
+}
+
+/// A validated tag.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Tag(String);
+
+impl Tag {
+    /// The tag as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Tag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !TAG_RE.is_match(s) {
+            return Err(s.to_owned());
+        }
+        Ok(Tag(s.to_owned()))
+    }
+}
+
+/// What a manifest request names: a tag or a digest.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Reference {
+    /// A mutable tag.
+    Tag(Tag),
+    /// An immutable digest.
+    Digest(Digest),
+}
+
+/// Why a reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceError {
+    /// Neither a tag nor a digest.
+    Tag(String),
+    /// Looks like a digest but is not a valid one.
+    Digest(DigestError),
+}
+
+impl FromStr for Reference {
+    type Err = ReferenceError;
+    fn from_str(s: &str) -> Result<Self, ReferenceError> {
+        if s.contains(':') {
+            return s
+                .parse()
+                .map(Reference::Digest)
+                .map_err(ReferenceError::Digest);
+        }
+        s.parse().map(Reference::Tag).map_err(ReferenceError::Tag)
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Tag(t) => f.write_str(t.as_str()),
+            Reference::Digest(d) => fmt::Display::fmt(d, f),
+        }
+    }
+}
+
+/// A registry host with optional port (`docker.io`, `myregistry.io:5000`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegistryHost(String);
+
+impl RegistryHost {
+    /// The host as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether a path segment looks like a registry host rather than the
+    /// first component of a repository name (the same rule docker uses: a
+    /// dot, a port, or `localhost`).
+    pub fn looks_like_host(segment: &str) -> bool {
+        segment.contains('.') || segment.contains(':') || segment == "localhost"
+    }
+}
+
+impl FromStr for RegistryHost {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.len() > 255 || !HOST_RE.is_match(s) {
+            return Err(s.to_owned());
+        }
+        Ok(RegistryHost(s.to_ascii_lowercase()))
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(&self.0) }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { write!(f, "{:?}", self.0) }
+        }
+    )*};
+}
+display_as_str!(Repository, Tag, RegistryHost);
+
+impl fmt::Debug for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in [
+            "nginx",
+            "library/nginx",
+            "a/b/c",
+            "foo.bar/baz_qux",
+            "a__b",
+            "a---b",
+            "x1/y2",
+        ] {
+            assert!(ok.parse::<Repository>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "Nginx", "../etc", "a/../b", "a//b", "/a", "a/", "a..b", "a b", "a%2e%2e", ".a",
+            "a/.", "a___b", "-a", "a-",
+        ] {
+            assert!(bad.parse::<Repository>().is_err(), "{bad}");
+        }
+        assert!("a".repeat(256).parse::<Repository>().is_err());
+    }
+
+    #[test]
+    fn tags() {
+        for ok in ["latest", "1.0", "v1.2.3-rc_1", "_x", &"a".repeat(128)] {
+            assert!(ok.parse::<Tag>().is_ok(), "{ok}");
+        }
+        for bad in ["", ".x", "-x", "a/b", "a:b", &"a".repeat(129), ".."] {
+            assert!(bad.parse::<Tag>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn references() {
+        assert!(matches!(
+            "latest".parse::<Reference>(),
+            Ok(Reference::Tag(_))
+        ));
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
+        assert!(matches!(
+            "sha256:zz".parse::<Reference>(),
+            Err(ReferenceError::Digest(_))
+        ));
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "docker.io",
+            "registry-1.docker.io",
+            "localhost:5000",
+            "127.0.0.1:5001",
+            "Quay.IO",
+        ] {
+            assert!(ok.parse::<RegistryHost>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "a..b",
+            "-a.com",
+            "a.com:",
+            "a.com:123456",
+            "a/b",
+            "a_b.com",
+            "a.com/",
+        ] {
+            assert!(bad.parse::<RegistryHost>().is_err(), "{bad}");
+        }
+        assert!(RegistryHost::looks_like_host("ghcr.io"));
+        assert!(!RegistryHost::looks_like_host("library"));
+    }
+}

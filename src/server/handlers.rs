@@ -1,0 +1,553 @@
+//! The registry API: ping, manifests (tag TTL, HEAD revalidation, stale on
+//! upstream failure), blobs (mapped hits, single-flight misses, Range), and
+//! pass-through of tag lists and referrers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+
+use super::range::{parse_range, ByteRange};
+use super::response::{self, value, Body, CacheResult};
+use super::route::Target;
+use crate::cache::flight::{Joined, Opener};
+use crate::cache::{Manifest, TagRecord};
+use crate::error::{Error, Result};
+use crate::registry::{Digest, Reference, Tag};
+use crate::state::AppState;
+use crate::upstream::Upstream;
+
+const API_VERSION: &str = "Docker-Distribution-API-Version";
+/// Largest pass-through body (tag lists, referrer indexes) berth relays.
+const MAX_PASSTHROUGH: usize = 16 << 20;
+
+fn with_result(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {
+    resp.extensions_mut().insert(result);
+    resp
+}
+
+fn builder(status: StatusCode, t: Option<&Target>) -> http::response::Builder {
+    let mut b = Response::builder()
+        .status(status)
+        .header(API_VERSION, "registry/2.0");
+    if let Some(ns) = t.and_then(|t| t.ns.as_deref()) {
+        // Echo the namespace that chose the upstream (distribution-spec "Registry Proxying").
+        b = b.header("OCI-Namespace", value(ns));
+    }
+    b
+}
+
+/// `GET /v2/`
+pub fn ping(head: bool) -> Response<Body> {
+    let body = if head {
+        response::empty()
+    } else {
+        response::full(Bytes::from_static(b"{}"))
+    };
+    builder(StatusCode::OK, None)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, 2)
+        .body(body)
+        .expect("ping response")
+}
+
+fn upstream_for(state: &AppState, t: &Target) -> Result<Arc<Upstream>> {
+    state
+        .upstreams
+        .get(&t.registry)
+        .cloned()
+        .ok_or_else(|| Error::RegistryUnknown(t.registry.to_string()))
+}
+
+fn manifest_response(m: &Manifest, t: &Target, head: bool, result: CacheResult) -> Response<Body> {
+    let digest = m.digest.to_string();
+    let body = if head {
+        response::empty()
+    } else {
+        response::full(m.bytes.clone())
+    };
+    let resp = builder(StatusCode::OK, Some(t))
+        .header(header::CONTENT_TYPE, value(&m.media_type))
+        .header(header::CONTENT_LENGTH, m.bytes.len())
+        .header("Docker-Content-Digest", value(&digest))
+        .header(header::ETAG, value(&format!("\"{digest}\"")))
+        .body(body)
+        .expect("manifest response");
+    with_result(resp, result)
+}
+
+/// HEAD answered from a tag record (the manifest bytes are not needed).
+fn record_head(rec: &TagRecord, t: &Target, result: CacheResult) -> Response<Body> {
+    let resp = builder(StatusCode::OK, Some(t))
+        .header(header::CONTENT_TYPE, value(&rec.media_type))
+        .header(header::CONTENT_LENGTH, rec.size)
+        .header("Docker-Content-Digest", value(&rec.digest))
+        .header(header::ETAG, value(&format!("\"{}\"", rec.digest)))
+        .body(response::empty())
+        .expect("head response");
+    with_result(resp, result)
+}
+
+/// `GET|HEAD /v2/<name>/manifests/<reference>`
+pub async fn manifest(
+    state: &AppState,
+    t: &Target,
+    reference: Reference,
+    head: bool,
+) -> Result<Response<Body>> {
+    let tag = match reference {
+        Reference::Digest(d) => {
+            if let Some(m) = state.cache.manifest(&d)? {
+                return Ok(manifest_response(&m, t, head, CacheResult::Hit));
+            }
+            let upstream = upstream_for(state, t)?;
+            let (m, joined) =
+                fetch_manifest(state, upstream, t, Reference::Digest(d.clone()), Some(d)).await?;
+            return Ok(manifest_response(
+                &m,
+                t,
+                head,
+                if joined {
+                    CacheResult::Coalesced
+                } else {
+                    CacheResult::Miss
+                },
+            ));
+        }
+        Reference::Tag(tag) => tag,
+    };
+    let rec = state.cache.tag(&t.registry, &t.repo, &tag);
+    if let Some(rec) = rec.as_ref().filter(|r| r.age() < state.config.tag_ttl) {
+        if let Some(d) = rec.digest() {
+            if let Some(m) = state.cache.manifest(&d)? {
+                return Ok(manifest_response(&m, t, head, CacheResult::Hit));
+            }
+            if head {
+                return Ok(record_head(rec, t, CacheResult::Hit));
+            }
+        }
+    }
+    let upstream = upstream_for(state, t)?;
+    match revalidate(state, &upstream, t, &tag).await {
+        Ok(resp) => Ok(resp),
+        Err(e) if e.is_not_found() => {
+            // Upstream says the tag is gone: reject, as Harbor does by default.
+            Err(e)
+        }
+        Err(e) => {
+            let Some(rec) = rec else { return Err(e) };
+            if let Some(d) = rec.digest() {
+                if let Some(m) = state.cache.manifest(&d)? {
+                    tracing::warn!(registry = %t.registry, repo = %t.repo, tag = %tag, error = %e,
+                        age = ?rec.age(), "upstream failed; serving the last known tag from cache");
+                    return Ok(manifest_response(&m, t, head, CacheResult::Stale));
+                }
+                if head {
+                    return Ok(record_head(&rec, t, CacheResult::Stale));
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Ask upstream what a tag points to now (one HEAD however many ask; HEADs
+/// do not count against Docker Hub's pull limit) and answer from the cache
+/// when the digest is already there.
+async fn revalidate(
+    state: &AppState,
+    upstream: &Arc<Upstream>,
+    t: &Target,
+    tag: &Tag,
+) -> Result<Response<Body>> {
+    let key = (
+        t.registry.clone(),
+        t.repo.clone(),
+        Reference::Tag(tag.clone()),
+    );
+    let (u, repo, reference) = (upstream.clone(), t.repo.clone(), key.2.clone());
+    let (head_result, _) = state
+        .heads
+        .run(key, move || async move {
+            u.head_manifest(&repo, &reference).await
+        })
+        .await;
+    let h = match head_result {
+        // Some registries refuse HEAD on manifests; containerd then uses GET too (PROTOCOL.md 4.1).
+        Err(Error::UpstreamFailed(_)) | Ok(crate::upstream::ManifestHead { digest: None, .. }) => {
+            let (m, joined) = fetch_manifest(
+                state,
+                upstream.clone(),
+                t,
+                Reference::Tag(tag.clone()),
+                None,
+            )
+            .await?;
+            state.cache.put_tag(
+                &t.registry,
+                &t.repo,
+                tag,
+                TagRecord::now(&m.digest, &m.media_type, m.bytes.len() as u64),
+            )?;
+            return Ok(manifest_response(
+                &m,
+                t,
+                false,
+                if joined {
+                    CacheResult::Coalesced
+                } else {
+                    CacheResult::Miss
+                },
+            ));
+        }
+        Err(e) => return Err(e),
+        Ok(h) => h,
+    };
+    let d = h.digest.clone().expect("matched above");
+    if let Some(m) = state.cache.manifest(&d)? {
+        state.cache.put_tag(
+            &t.registry,
+            &t.repo,
+            tag,
+            TagRecord::now(&d, &m.media_type, m.bytes.len() as u64),
+        )?;
+        return Ok(manifest_response(&m, t, false, CacheResult::Hit));
+    }
+    let (m, joined) = fetch_manifest(
+        state,
+        upstream.clone(),
+        t,
+        Reference::Digest(d.clone()),
+        Some(d.clone()),
+    )
+    .await?;
+    state.cache.put_tag(
+        &t.registry,
+        &t.repo,
+        tag,
+        TagRecord::now(&d, &m.media_type, m.bytes.len() as u64),
+    )?;
+    Ok(manifest_response(
+        &m,
+        t,
+        false,
+        if joined {
+            CacheResult::Coalesced
+        } else {
+            CacheResult::Miss
+        },
+    ))
+}
+
+/// GET a manifest upstream (coalesced), verify it, store it.
+async fn fetch_manifest(
+    state: &AppState,
+    upstream: Arc<Upstream>,
+    t: &Target,
+    reference: Reference,
+    expect: Option<Digest>,
+) -> Result<(Manifest, bool)> {
+    let key = (t.registry.clone(), t.repo.clone(), reference.clone());
+    let (st, repo) = (state.clone(), t.repo.clone());
+    let (res, joined) = state
+        .manifest_fetches
+        .run(key, move || async move {
+            let (media_type, bytes) = upstream.get_manifest(&repo, &reference).await?;
+            let actual = Digest::of(&bytes);
+            if let Some(expected) = expect.filter(|e| *e != actual) {
+                st.metrics.digest_mismatches.inc();
+                let e = Error::DigestMismatch { expected: expected.to_string(), actual: actual.to_string() };
+                tracing::warn!(registry = %upstream.host, %repo, error = %e, detail = ?e.detail(), "upstream manifest failed verification; not cached");
+                return Err(e);
+            }
+            let m = Manifest { bytes, media_type: media_type.into(), digest: actual };
+            let (st2, m2) = (st.clone(), m.clone());
+            tokio::task::spawn_blocking(move || st2.cache.put_manifest(&m2))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            Ok(m)
+        })
+        .await;
+    res.map(|m| (m, joined))
+}
+
+fn blob_headers(t: &Target, d: &Digest, status: StatusCode, len: u64) -> http::response::Builder {
+    let digest = d.to_string();
+    builder(status, Some(t))
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("Docker-Content-Digest", value(&digest))
+        .header(header::ETAG, value(&format!("\"{digest}\"")))
+}
+
+fn ranged(
+    t: &Target,
+    d: &Digest,
+    range: Option<ByteRange>,
+    size: u64,
+) -> (http::response::Builder, u64, u64) {
+    match range {
+        None => (blob_headers(t, d, StatusCode::OK, size), 0, size),
+        Some(r) => {
+            let b = blob_headers(t, d, StatusCode::PARTIAL_CONTENT, r.end - r.start).header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{size}", r.start, r.end - 1),
+            );
+            (b, r.start, r.end)
+        }
+    }
+}
+
+/// `GET|HEAD /v2/<name>/blobs/<digest>`
+pub async fn blob(
+    state: &AppState,
+    t: &Target,
+    d: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>> {
+    let range_header = headers.get(header::RANGE);
+    if let Some(bytes) = state.cache.blob(d)? {
+        let size = bytes.len() as u64;
+        let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
+        let body = if head {
+            response::empty()
+        } else {
+            state
+                .metrics
+                .served_bytes
+                .with_label_values(&["cache"])
+                .inc_by(end - start);
+            // A slice of the mapping: no copy.
+            response::full(bytes.slice(start as usize..end as usize))
+        };
+        return Ok(with_result(
+            b.body(body).expect("blob response"),
+            CacheResult::Hit,
+        ));
+    }
+    let upstream = upstream_for(state, t)?;
+    if head {
+        let size = match state.cache.flights.get(d) {
+            Some(f) => f.size().await?,
+            None => upstream.head_blob(&t.repo, d).await?,
+        };
+        let (b, _, _) = ranged(t, d, parse_range(range_header, size)?, size);
+        return Ok(with_result(
+            b.body(response::empty()).expect("blob head"),
+            CacheResult::Pass,
+        ));
+    }
+    let (repo, digest) = (t.repo.clone(), d.clone());
+    let joined = state
+        .cache
+        .flights
+        .join(d, state.cache.publisher(), move || -> Opener {
+            Box::new(move |offset| {
+                let (u, repo, digest) = (upstream.clone(), repo.clone(), digest.clone());
+                Box::pin(async move { u.open_blob(&repo, &digest, offset).await })
+            })
+        })?;
+    let result = match joined {
+        Joined::Leader(_) => CacheResult::Miss,
+        Joined::Follower(_) => CacheResult::Coalesced,
+    };
+    let flight = joined.flight().clone();
+    if matches!(result, CacheResult::Miss) {
+        watch_flight(state, flight.clone());
+    }
+    let size = flight.size().await?;
+    let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
+    state
+        .metrics
+        .served_bytes
+        .with_label_values(&["upstream"])
+        .inc_by(end - start);
+    let stream = flight.read(start, end).map_ok(Frame::data);
+    let body = BodyExt::boxed(StreamBody::new(stream));
+    Ok(with_result(b.body(body).expect("blob response"), result))
+}
+
+/// Keep the in-flight gauge and mismatch counter current for a flight.
+fn watch_flight(state: &AppState, flight: Arc<crate::cache::flight::Flight>) {
+    let st = state.clone();
+    st.metrics.inflight.inc();
+    tokio::spawn(async move {
+        let outcome = flight.finished().await;
+        st.metrics.inflight.dec();
+        if let Err(Error::DigestMismatch { .. }) = outcome {
+            st.metrics.digest_mismatches.inc();
+        }
+    });
+}
+
+/// `GET /v2/<name>/tags/list` and `GET /v2/<name>/referrers/<digest>`:
+/// relayed from upstream, not cached.
+pub async fn passthrough(
+    state: &AppState,
+    t: &Target,
+    tail: String,
+    req_headers: &HeaderMap,
+    head: bool,
+) -> Result<Response<Body>> {
+    let upstream = upstream_for(state, t)?;
+    let resp = upstream
+        .passthrough(&t.repo, &tail, req_headers.get(header::ACCEPT))
+        .await?;
+    let status = resp.status();
+    match status.as_u16() {
+        401 | 403 => return Err(Error::UpstreamDenied(status.as_u16())),
+        429 => return Err(Error::UpstreamThrottled),
+        s if s >= 500 => return Err(Error::UpstreamFailed(format!("upstream answered {status}"))),
+        _ => {}
+    }
+    let mut b = builder(status, Some(t));
+    if let Some(ct) = resp.headers().get(header::CONTENT_TYPE) {
+        b = b.header(header::CONTENT_TYPE, ct.clone());
+    }
+    for name in ["OCI-Filters-Applied"] {
+        if let Some(v) = resp.headers().get(name) {
+            b = b.header(name, v.clone());
+        }
+    }
+    if let Some(link) = resp
+        .headers()
+        .get(header::LINK)
+        .and_then(|v| v.to_str().ok())
+    {
+        b = b.header(header::LINK, value(&rewrite_link(link, t)));
+    }
+    let mut body = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(crate::upstream::map_reqwest)?;
+        if body.len() + chunk.len() > MAX_PASSTHROUGH {
+            return Err(Error::UpstreamFailed(
+                "upstream response too large to relay".into(),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = body.freeze();
+    b = b.header(header::CONTENT_LENGTH, body.len());
+    let body = if head {
+        response::empty()
+    } else {
+        response::full(body)
+    };
+    Ok(with_result(
+        b.body(body).expect("passthrough response"),
+        CacheResult::Pass,
+    ))
+}
+
+/// Upstream `Link: </v2/<repo>/tags/list?...>` must lead back through berth:
+/// keep the path-style registry prefix, and the `ns` parameter.
+fn rewrite_link(link: &str, t: &Target) -> String {
+    let mut out = link.to_owned();
+    if t.path_style {
+        out = out.replacen("</v2/", &format!("</v2/{}/", t.registry), 1);
+    }
+    if let Some(ns) = &t.ns {
+        if let Some(end) = out.find('>') {
+            let sep = if out[..end].contains('?') { '&' } else { '?' };
+            let ns_q: String = url::form_urlencoded::byte_serialize(ns.as_bytes()).collect();
+            out.insert_str(end, &format!("{sep}ns={ns_q}"));
+        }
+    }
+    out
+}
+
+/// Query parameters relayed to upstream for a pass-through route.
+pub fn relay_query(query: Option<&str>, keep: &[&str]) -> String {
+    let mut ser = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if keep.contains(&k.as_ref()) {
+            ser.append_pair(&k, &v);
+        }
+    }
+    ser.finish()
+}
+
+/// `/livez`, `/readyz`, `/metrics`.
+pub fn probe(state: &AppState, what: &str) -> Response<Body> {
+    let (status, body, ct) = match what {
+        "metrics" => {
+            refresh_gauges(state);
+            (
+                StatusCode::OK,
+                Bytes::from(state.metrics.encode()),
+                "text/plain; version=0.0.4",
+            )
+        }
+        "readyz" if !state.ready.load(Ordering::Relaxed) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(b"not ready\n"),
+            "text/plain",
+        ),
+        _ => (StatusCode::OK, Bytes::from_static(b"ok\n"), "text/plain"),
+    };
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, ct)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(response::full(body))
+        .expect("probe response")
+}
+
+fn refresh_gauges(state: &AppState) {
+    let m = &state.metrics;
+    let idx = &state.cache.index;
+    m.cache_bytes.set(idx.weighted_bytes() as i64);
+    m.cache_capacity.set(idx.capacity() as i64);
+    m.cache_entries.set(idx.len() as i64);
+    m.evictions.set(idx.evictions() as i64);
+}
+
+/// Whether a request method is a HEAD.
+pub fn is_head<B>(req: &Request<B>) -> bool {
+    req.method() == Method::HEAD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_rewriting() {
+        let t = Target {
+            registry: "ghcr.io".parse().unwrap(),
+            repo: "a/b".parse().unwrap(),
+            ns: None,
+            path_style: true,
+        };
+        assert_eq!(
+            rewrite_link("</v2/a/b/tags/list?last=x&n=2>; rel=\"next\"", &t),
+            "</v2/ghcr.io/a/b/tags/list?last=x&n=2>; rel=\"next\""
+        );
+        let t = Target {
+            ns: Some("ghcr.io".into()),
+            path_style: false,
+            ..t
+        };
+        assert_eq!(
+            rewrite_link("</v2/a/b/tags/list?last=x&n=2>; rel=\"next\"", &t),
+            "</v2/a/b/tags/list?last=x&n=2&ns=ghcr.io>; rel=\"next\""
+        );
+    }
+
+    #[test]
+    fn relays_only_known_query_parameters() {
+        assert_eq!(
+            relay_query(Some("n=5&last=b&ns=docker.io&evil=1"), &["n", "last"]),
+            "n=5&last=b"
+        );
+        assert_eq!(relay_query(None, &["n"]), "");
+    }
+}

@@ -1,0 +1,224 @@
+//! The HTTP server: accept loop (hyper-util auto HTTP/1 + HTTP/2, header
+//! read timeout, connection limit, graceful shutdown), dispatch of parsed
+//! routes to handlers, and the access log and request metrics in one place.
+
+pub mod handlers;
+pub mod range;
+pub mod response;
+pub mod route;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Source};
+use crate::state::AppState;
+use response::{Body, CacheResult, ErrorNote};
+use route::{Registries, Route};
+
+/// Most connections served at once; more wait in the accept backlog.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// A client must send its request headers within this time (slow-loris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long shutdown waits for in-flight responses.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Which API a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The registry API (and probes).
+    Registry,
+    /// Only /metrics, /livez, /readyz.
+    Metrics,
+}
+
+/// Serve `listener` until `shutdown` resolves, then drain for a grace period.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    role: Role,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024)
+        // Queue body buffers (mapped files) instead of copying them into one write buffer.
+        .writev(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let st = state.clone();
+        let svc = service_fn(move |req| {
+            let st = st.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&st, role, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing remaining connections"),
+    }
+}
+
+/// One request: parse, dispatch, log. Generic over the body so tests can
+/// call it without sockets (request bodies are never read).
+pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Response<Body> {
+    let started = Instant::now();
+    let head = handlers::is_head(&req);
+    let mirrored = |h: &crate::registry::RegistryHost| state.upstreams.get(h).is_some();
+    let regs = Registries {
+        default: &state.config.default_registry,
+        mirrored: &mirrored,
+    };
+    let parsed = route::parse(req.method(), req.uri().path(), req.uri().query(), &regs);
+    let parsed = match (role, parsed) {
+        (Role::Metrics, Ok(r @ (Route::Metrics | Route::Livez | Route::Readyz))) => Ok(r),
+        (Role::Metrics, _) => Err(Error::NotFound(req.uri().path().to_owned())),
+        (Role::Registry, Ok(Route::Metrics)) if state.config.metrics_listen.is_some() => Err(
+            Error::NotFound("/metrics is served on the metrics listener".into()),
+        ),
+        (_, r) => r,
+    };
+    let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
+    let (target, resp) = match parsed {
+        Ok(route) => {
+            let target = match &route {
+                Route::Manifest(t, _)
+                | Route::Blob(t, _)
+                | Route::Tags(t)
+                | Route::Referrers(t, _) => Some(t.clone()),
+                _ => None,
+            };
+            let r = dispatch(state, route, &req, head)
+                .await
+                .unwrap_or_else(|e| response::error(&e, head));
+            (target, r)
+        }
+        Err(e) => (None, response::error(&e, head)),
+    };
+    record(state, &req, label, target.as_ref(), &resp, started);
+    resp
+}
+
+async fn dispatch<B>(
+    state: &AppState,
+    route: Route,
+    req: &Request<B>,
+    head: bool,
+) -> Result<Response<Body>, Error> {
+    match route {
+        Route::Ping => Ok(handlers::ping(head)),
+        Route::Livez => Ok(handlers::probe(state, "livez")),
+        Route::Readyz => Ok(handlers::probe(state, "readyz")),
+        Route::Metrics => Ok(handlers::probe(state, "metrics")),
+        Route::Manifest(t, reference) => handlers::manifest(state, &t, reference, head).await,
+        Route::Blob(t, d) => handlers::blob(state, &t, &d, req.headers(), head).await,
+        Route::Tags(t) => {
+            let q = handlers::relay_query(req.uri().query(), &["n", "last"]);
+            let tail = if q.is_empty() {
+                "tags/list".to_owned()
+            } else {
+                format!("tags/list?{q}")
+            };
+            handlers::passthrough(state, &t, tail, req.headers(), head).await
+        }
+        Route::Referrers(t, d) => {
+            let q = handlers::relay_query(req.uri().query(), &["artifactType"]);
+            let tail = if q.is_empty() {
+                format!("referrers/{d}")
+            } else {
+                format!("referrers/{d}?{q}")
+            };
+            handlers::passthrough(state, &t, tail, req.headers(), head).await
+        }
+    }
+}
+
+/// The access log line and request metrics.
+fn record<B>(
+    state: &AppState,
+    req: &Request<B>,
+    label: &'static str,
+    target: Option<&route::Target>,
+    resp: &Response<Body>,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    let status = resp.status();
+    let m = &state.metrics;
+    m.requests
+        .with_label_values(&[label, req.method().as_str(), status.as_str()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[label])
+        .observe(elapsed.as_secs_f64());
+    let result = resp.extensions().get::<CacheResult>().copied();
+    if let (Some(r), "manifest" | "blob") = (result, label) {
+        m.cache_results.with_label_values(&[label, r.label()]).inc();
+    }
+    let bytes = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let registry = target.map(|t| t.registry.as_str()).unwrap_or("-");
+    let repo = target.map(|t| t.repo.as_str()).unwrap_or("-");
+    let ns = target.and_then(|t| t.ns.as_deref()).unwrap_or("-");
+    let result = result.map(CacheResult::label).unwrap_or("-");
+    let error = resp.extensions().get::<ErrorNote>();
+    let detail = error.and_then(|e| e.0.detail()).unwrap_or_default();
+    match error.map(|e| e.0.source_kind()) {
+        Some(Source::Internal) => {
+            tracing::error!(target: "berth::access", method = %req.method(), path = req.uri().path(), status = status.as_u16(), ns, registry, repo, route = label, result, bytes, duration_ms = elapsed.as_secs_f64() * 1e3, error = %error.map(|e| e.0.to_string()).unwrap_or_default(), detail, "request")
+        }
+        Some(Source::Upstream) => {
+            tracing::warn!(target: "berth::access", method = %req.method(), path = req.uri().path(), status = status.as_u16(), ns, registry, repo, route = label, result, bytes, duration_ms = elapsed.as_secs_f64() * 1e3, error = %error.map(|e| e.0.to_string()).unwrap_or_default(), detail, "request")
+        }
+        _ => {
+            tracing::info!(target: "berth::access", method = %req.method(), path = req.uri().path(), status = status.as_u16(), ns, registry, repo, route = label, result, bytes, duration_ms = elapsed.as_secs_f64() * 1e3, "request")
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Response building: the body type, the OCI error envelope, and the
+//! headers every registry response carries.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+
+use crate::error::Error;
+use crate::registry::error_code::Envelope;
+
+/// Every response body: mapped cache content, a growing-file stream, or JSON.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A body of bytes already in memory (or mapped): no copy is made.
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// An empty body (HEAD, 204-like answers).
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// What the request turned out to be, for the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Served from the cache.
+    Hit,
+    /// Fetched from upstream by this request.
+    Miss,
+    /// Joined a fetch already in progress.
+    Coalesced,
+    /// Served from the cache because upstream failed (offline).
+    Stale,
+    /// Passed through without caching.
+    Pass,
+}
+
+impl CacheResult {
+    /// Metric/log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Stale => "stale",
+            CacheResult::Pass => "pass",
+        }
+    }
+}
+
+/// The error (kept for the access log) attached to an error response.
+#[derive(Debug, Clone)]
+pub struct ErrorNote(pub Error);
+
+/// An error in the OCI envelope. No side effects: the access log reads the
+/// [`ErrorNote`] extension.
+pub fn error(err: &Error, head: bool) -> Response<Body> {
+    let status = err.status();
+    let message = err.to_string();
+    let detail = err.detail();
+    let json = Envelope::json(err.code(), &message, detail.as_deref());
+    let len = json.len();
+    let mut resp = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, len)
+        .header("Docker-Distribution-API-Version", "registry/2.0");
+    if let Error::RangeInvalid(size) = err {
+        resp = resp.header(header::CONTENT_RANGE, format!("bytes */{size}"));
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        resp = resp.header(header::ALLOW, "GET, HEAD");
+    }
+    let body = if head {
+        empty()
+    } else {
+        full(Bytes::from(json))
+    };
+    let mut resp = resp.body(body).expect("valid error response");
+    resp.extensions_mut().insert(ErrorNote(err.clone()));
+    resp
+}
+
+/// A header value from a string we built (digests, media types, numbers).
+pub fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
