@@ -1,0 +1,168 @@
+//! The berth binary under test, started as `berth serve` on an ephemeral 127.0.0.1 port.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::tools::{free_port, ChildGuard};
+
+/// Path of the berth binary cargo built for the integration tests.
+pub const BERTH_BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+/// How long `start` waits for `GET /v2/` to answer 200.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `berth serve`. Stopped by PID (SIGTERM, then SIGKILL) when dropped.
+pub struct Berth {
+    child: ChildGuard,
+    port: u16,
+    cache_dir: PathBuf,
+    args: Vec<String>,
+    _tmp: Option<TempDir>,
+}
+
+impl Berth {
+    /// `berth serve --listen 127.0.0.1:<free> --cache-dir <new temp dir> <args...>`;
+    /// the cache dir is deleted when this Berth is dropped.
+    pub async fn start(args: &[&str]) -> Berth {
+        let tmp = tempfile::Builder::new()
+            .prefix("berth-cache-")
+            .tempdir()
+            .expect("berth cache tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut b = Self::start_with_dir(&dir, args).await;
+        b._tmp = Some(tmp);
+        b
+    }
+
+    /// Like [`Berth::start`] with a cache dir owned by the caller (it outlives
+    /// the process, for restart tests).
+    pub async fn start_with_dir(cache_dir: &Path, args: &[&str]) -> Berth {
+        match Self::try_start_with_dir(cache_dir, args).await {
+            Ok(b) => b,
+            Err(e) => panic!("berth failed to start: {e:#}"),
+        }
+    }
+
+    /// Like [`Berth::start_with_dir`] but returns the error (with the log) instead of panicking.
+    pub async fn try_start_with_dir(cache_dir: &Path, args: &[&str]) -> anyhow::Result<Berth> {
+        std::fs::create_dir_all(cache_dir)?;
+        let mut last = None;
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new(BERTH_BIN);
+            cmd.arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--cache-dir")
+                .arg(cache_dir)
+                .args(args)
+                .env("RUST_LOG", "berth=debug")
+                .env("RUST_BACKTRACE", "1")
+                .env_remove("HTTP_PROXY")
+                .env_remove("HTTPS_PROXY")
+                .env_remove("ALL_PROXY")
+                .env_remove("http_proxy")
+                .env_remove("https_proxy")
+                .env_remove("all_proxy")
+                .env("NO_PROXY", "127.0.0.1,localhost,::1")
+                .env("no_proxy", "127.0.0.1,localhost,::1");
+            // berth reads BERTH_* variables as defaults for its flags.
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("BERTH_") {
+                    cmd.env_remove(k);
+                }
+            }
+            let mut child = ChildGuard::spawn("berth", cmd)?;
+            let url = format!("http://127.0.0.1:{port}/v2/");
+            match child.wait_http(&url, &[200], START_TIMEOUT).await {
+                Ok(_) => {
+                    return Ok(Berth {
+                        child,
+                        port,
+                        cache_dir: cache_dir.to_path_buf(),
+                        args: args.iter().map(|s| s.to_string()).collect(),
+                        _tmp: None,
+                    })
+                }
+                Err(e) => {
+                    let in_use = child
+                        .log()
+                        .to_ascii_lowercase()
+                        .contains("address already in use")
+                        || child.log().contains("AddrInUse");
+                    child.kill9();
+                    if in_use {
+                        last = Some(e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("berth: no attempt made")))
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The extra args it was started with (after --listen/--cache-dir).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// The value of `--metrics-listen` if it was passed.
+    pub fn metrics_addr(&self) -> Option<String> {
+        let mut it = self.args.iter();
+        while let Some(a) = it.next() {
+            if a == "--metrics-listen" {
+                return it.next().cloned();
+            }
+            if let Some(v) = a.strip_prefix("--metrics-listen=") {
+                return Some(v.to_string());
+            }
+        }
+        None
+    }
+
+    /// Everything berth wrote to stdout and stderr.
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// Graceful stop: SIGTERM, wait up to 10 s (then SIGKILL); returns the exit status.
+    pub fn stop(mut self) -> Option<ExitStatus> {
+        self.child.terminate(Duration::from_secs(10))
+    }
+
+    /// SIGKILL now (crash simulation); the cache dir is left as it was.
+    pub fn kill9(&mut self) -> Option<ExitStatus> {
+        self.child.kill9()
+    }
+}
