@@ -578,6 +578,18 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_loads() {
+        let text = include_str!("../deploy/config.example.toml");
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let text = text.replace("/etc/berth/internal-ca.pem", ca.path().to_str().unwrap());
+        let c = Config::load(&args(), Some(&text), None).unwrap();
+        assert!(c
+            .registries
+            .contains_key(&"registry.internal:5000".parse().unwrap()));
+        assert_eq!(c.tag_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug() {
         let c = Credentials::Basic {
             username: "robot".into(),
