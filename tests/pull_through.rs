@@ -365,6 +365,24 @@ async fn tags_are_revalidated_with_head_after_their_ttl() {
         (1, 0),
         "unchanged tag: one HEAD, no counted GET"
     );
+
+    // A HEAD after the TTL revalidates too, and carries no body.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let h = via
+        .fetch_manifest(
+            reqwest::Method::HEAD,
+            "library/moving",
+            "latest",
+            content::ACCEPT_ALL_MANIFESTS,
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.status, 200);
+    assert!(h.bytes.is_empty());
+    assert_eq!(
+        h.docker_content_digest.as_deref(),
+        Some(v2.manifest_digest.as_str())
+    );
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
 use crate::registry::{Digest, Reference, Tag};
 use crate::state::AppState;
-use crate::upstream::Upstream;
+use crate::upstream::{ManifestHead, Upstream};
 
 const API_VERSION: &str = "Docker-Distribution-API-Version";
 /// Largest pass-through body (tag lists, referrer indexes) berth relays.
@@ -133,7 +133,7 @@ pub async fn manifest(
         }
     }
     let upstream = upstream_for(state, t)?;
-    match revalidate(state, &upstream, t, &tag).await {
+    match revalidate(state, &upstream, t, &tag, head).await {
         Ok(resp) => Ok(resp),
         Err(e) if e.is_not_found() => {
             // Upstream says the tag is gone: reject, as Harbor does by default.
@@ -164,6 +164,7 @@ async fn revalidate(
     upstream: &Arc<Upstream>,
     t: &Target,
     tag: &Tag,
+    head: bool,
 ) -> Result<Response<Body>> {
     let key = (
         t.registry.clone(),
@@ -177,71 +178,52 @@ async fn revalidate(
             u.head_manifest(&repo, &reference).await
         })
         .await;
+    let record = |m: &Manifest| {
+        let rec = TagRecord::now(&m.digest, &m.media_type, m.bytes.len() as u64);
+        state.cache.put_tag(&t.registry, &t.repo, tag, rec)
+    };
+    let fetched = |joined: bool| {
+        if joined {
+            CacheResult::Coalesced
+        } else {
+            CacheResult::Miss
+        }
+    };
     let h = match head_result {
-        // Some registries refuse HEAD on manifests; containerd then uses GET too (PROTOCOL.md 4.1).
-        Err(Error::UpstreamFailed(_)) | Ok(crate::upstream::ManifestHead { digest: None, .. }) => {
-            let (m, joined) = fetch_manifest(
-                state,
-                upstream.clone(),
-                t,
-                Reference::Tag(tag.clone()),
-                None,
-            )
-            .await?;
-            state.cache.put_tag(
-                &t.registry,
-                &t.repo,
-                tag,
-                TagRecord::now(&m.digest, &m.media_type, m.bytes.len() as u64),
-            )?;
-            return Ok(manifest_response(
-                &m,
-                t,
-                false,
-                if joined {
-                    CacheResult::Coalesced
-                } else {
-                    CacheResult::Miss
-                },
-            ));
+        // Some registries refuse HEAD on manifests or omit the digest;
+        // containerd then uses GET too (PROTOCOL.md 4.1).
+        Err(Error::UpstreamFailed(_)) | Ok(ManifestHead { digest: None, .. }) => {
+            let reference = Reference::Tag(tag.clone());
+            let (m, joined) = fetch_manifest(state, upstream.clone(), t, reference, None).await?;
+            record(&m)?;
+            return Ok(manifest_response(&m, t, head, fetched(joined)));
         }
         Err(e) => return Err(e),
         Ok(h) => h,
     };
     let d = h.digest.clone().expect("matched above");
     if let Some(m) = state.cache.manifest(&d)? {
-        state.cache.put_tag(
-            &t.registry,
-            &t.repo,
-            tag,
-            TagRecord::now(&d, &m.media_type, m.bytes.len() as u64),
-        )?;
-        return Ok(manifest_response(&m, t, false, CacheResult::Hit));
+        record(&m)?;
+        return Ok(manifest_response(&m, t, head, CacheResult::Hit));
+    }
+    if let (true, Some(size)) = (head && !h.media_type.is_empty(), h.size) {
+        // A HEAD needs no body: answer from upstream's HEAD, fetch nothing.
+        let rec = TagRecord::now(&d, &h.media_type, size);
+        state
+            .cache
+            .put_tag(&t.registry, &t.repo, tag, rec.clone())?;
+        return Ok(record_head(&rec, t, CacheResult::Pass));
     }
     let (m, joined) = fetch_manifest(
         state,
         upstream.clone(),
         t,
         Reference::Digest(d.clone()),
-        Some(d.clone()),
+        Some(d),
     )
     .await?;
-    state.cache.put_tag(
-        &t.registry,
-        &t.repo,
-        tag,
-        TagRecord::now(&d, &m.media_type, m.bytes.len() as u64),
-    )?;
-    Ok(manifest_response(
-        &m,
-        t,
-        false,
-        if joined {
-            CacheResult::Coalesced
-        } else {
-            CacheResult::Miss
-        },
-    ))
+    record(&m)?;
+    Ok(manifest_response(&m, t, head, fetched(joined)))
 }
 
 /// GET a manifest upstream (coalesced), verify it, store it.
