@@ -22,6 +22,9 @@
 //! - [`coalesce`]: one upstream call for many identical concurrent requests.
 //! - [`state`]: the shared [`state::AppState`].
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+//! - [`node`]: node integration: `berth containerd install|uninstall`
+//!   (hosts.toml per registry, config.toml check) and `berth k3s`
+//!   (registries.yaml entries).
 #![deny(missing_docs)]
 
 pub mod cache;
@@ -29,6 +32,7 @@ pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod node;
 pub mod registry;
 pub mod server;
 pub mod state;
@@ -66,8 +70,9 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     };
     let cache = cache::Cache::open(&config.cache_dir, capacity)
         .with_context(|| format!("cannot open cache directory {}", config.cache_dir.display()))?;
-    let upstreams = upstream::Upstreams::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let metrics = metrics::Metrics::register().context("registering metrics")?;
+    let upstreams =
+        upstream::Upstreams::new(&config, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(AppState::new(config, cache, upstreams, metrics))
 }
 

@@ -18,16 +18,32 @@ async fn bearer_token_origin_public_and_private_repositories() {
     if !tools::require("docker-registry") || !tools::require("containerd") {
         return;
     }
-    let tokens = TokenServer::start(TokenPolicy::new().public("library/public").credentials("robot", PASSWORD));
+    let tokens = TokenServer::start(
+        TokenPolicy::new()
+            .public("library/public")
+            .credentials("robot", PASSWORD),
+    );
     let origin = start_token_origin(&tokens).await;
     let public = content::build_image(21, 2, 16 * 1024, MediaKind::Oci, "amd64");
     let private = content::build_image(22, 3, 16 * 1024, MediaKind::Docker, "amd64");
-    content::push_image_auth(&origin.url(), "library/public", "1", &public, Some(tokens.push_authorization("library/public")))
-        .await
-        .unwrap();
-    content::push_image_auth(&origin.url(), "team/private", "1", &private, Some(tokens.push_authorization("team/private")))
-        .await
-        .unwrap();
+    content::push_image_auth(
+        &origin.url(),
+        "library/public",
+        "1",
+        &public,
+        Some(tokens.push_authorization("library/public")),
+    )
+    .await
+    .unwrap();
+    content::push_image_auth(
+        &origin.url(),
+        "team/private",
+        "1",
+        &private,
+        Some(tokens.push_authorization("team/private")),
+    )
+    .await
+    .unwrap();
 
     // docker.io has credentials; ghcr.io mirrors the same origin anonymously.
     let cfg_dir = tempfile::tempdir().unwrap();
@@ -46,24 +62,47 @@ async fn bearer_token_origin_public_and_private_repositories() {
     let before = tokens.token_requests();
 
     // Private repository with credentials: manifest and every blob.
-    let m = via.get_manifest("docker.io/team/private", "1").await.unwrap();
+    let m = via
+        .get_manifest("docker.io/team/private", "1")
+        .await
+        .unwrap();
     assert_eq!(m.status, 200, "{}", String::from_utf8_lossy(&m.bytes));
     assert_eq!(m.bytes, private.manifest_bytes);
     for b in private.blobs() {
-        assert_eq!(via.get_blob("docker.io/team/private", &b.digest).await.unwrap(), b.bytes);
+        assert_eq!(
+            via.get_blob("docker.io/team/private", &b.digest)
+                .await
+                .unwrap(),
+            b.bytes
+        );
     }
     let used = tokens.token_requests() - before;
-    assert!(used <= 2, "one token per scope, reused across requests: {used} token requests");
-    assert!(tokens.requests().iter().any(|r| r.user.as_deref() == Some("robot")), "credentials were used");
+    assert!(
+        used <= 2,
+        "one token per scope, reused across requests: {used} token requests"
+    );
+    assert!(
+        tokens
+            .requests()
+            .iter()
+            .any(|r| r.user.as_deref() == Some("robot")),
+        "credentials were used"
+    );
 
     // Public repository through the anonymous registry entry.
-    let m = via.get_manifest("ghcr.io/library/public", "1").await.unwrap();
+    let m = via
+        .get_manifest("ghcr.io/library/public", "1")
+        .await
+        .unwrap();
     assert_eq!(m.status, 200);
     assert_eq!(m.bytes, public.manifest_bytes);
     // Private repository without credentials: refused, in the OCI envelope.
     let http = tools::http_client();
     let r = http
-        .get(format!("{}/v2/ghcr.io/team/private/manifests/1", berth.url()))
+        .get(format!(
+            "{}/v2/ghcr.io/team/private/manifests/1",
+            berth.url()
+        ))
         .header("Accept", content::ACCEPT_ALL_MANIFESTS)
         .send()
         .await
@@ -76,8 +115,15 @@ async fn bearer_token_origin_public_and_private_repositories() {
     // credentials (containerd would not send pull secrets to a mirror).
     let ctd = Containerd::start();
     let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), "docker.io", &berth.url(), &format!("http://127.0.0.1:{}", dead_port()));
-    ctd.pull_async("auth", "docker.io/team/private:1", hosts.path(), &[]).await.assert_success();
+    write_hosts_toml(
+        hosts.path(),
+        "docker.io",
+        &berth.url(),
+        &format!("http://127.0.0.1:{}", dead_port()),
+    );
+    ctd.pull_async("auth", "docker.io/team/private:1", hosts.path(), &[])
+        .await
+        .assert_success();
 
     let log = berth.log();
     assert!(!log.contains(PASSWORD), "the password reached berth's log");

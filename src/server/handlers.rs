@@ -18,6 +18,7 @@ use super::route::Target;
 use crate::cache::flight::{Joined, Opener};
 use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
+use crate::metrics::GaugeGuard;
 use crate::registry::{Digest, Reference, Tag};
 use crate::state::AppState;
 use crate::upstream::{ManifestHead, Upstream};
@@ -145,6 +146,11 @@ pub async fn manifest(
                 if let Some(m) = state.cache.manifest(&d)? {
                     tracing::warn!(registry = %t.registry, repo = %t.repo, tag = %tag, error = %e,
                         age = ?rec.age(), "upstream failed; serving the last known tag from cache");
+                    state
+                        .metrics
+                        .stale_served
+                        .with_label_values(&[t.registry.as_str()])
+                        .inc();
                     return Ok(manifest_response(&m, t, head, CacheResult::Stale));
                 }
                 if head {
@@ -351,7 +357,12 @@ pub async fn blob(
         .served_bytes
         .with_label_values(&["upstream"])
         .inc_by(end - start);
-    let stream = flight.read(start, end).map_ok(Frame::data);
+    let follower =
+        matches!(result, CacheResult::Coalesced).then(|| GaugeGuard::new(&state.metrics.followers));
+    let stream = flight.read(start, end).map_ok(move |b| {
+        let _counted_while_streaming = &follower;
+        Frame::data(b)
+    });
     let body = BodyExt::boxed(StreamBody::new(stream));
     Ok(with_result(b.body(body).expect("blob response"), result))
 }
@@ -360,6 +371,7 @@ pub async fn blob(
 fn watch_flight(state: &AppState, flight: Arc<crate::cache::flight::Flight>) {
     let st = state.clone();
     st.metrics.inflight.inc();
+    tracing::debug!(digest = %flight.digest, "blob cache miss; fetching from upstream");
     tokio::spawn(async move {
         let outcome = flight.finished().await;
         st.metrics.inflight.dec();
@@ -489,7 +501,15 @@ fn refresh_gauges(state: &AppState) {
     m.cache_bytes.set(idx.weighted_bytes() as i64);
     m.cache_capacity.set(idx.capacity() as i64);
     m.cache_entries.set(idx.len() as i64);
-    m.evictions.set(idx.evictions() as i64);
+    let dir = state.cache.store.root();
+    if let (Ok(free), Ok(size)) = (fs4::available_space(dir), fs4::total_space(dir)) {
+        m.fs_free.set(free as i64);
+        m.fs_size.set(size as i64);
+    }
+    let (total, seen) = (idx.evictions(), m.evictions.get());
+    if total > seen {
+        m.evictions.inc_by(total - seen);
+    }
 }
 
 /// Whether a request method is a HEAD.

@@ -20,6 +20,7 @@ use url::Url;
 use crate::cache::flight;
 use crate::config::{Config, ConfigError, Credentials, RegistryConfig};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::registry::media_type::{self, MANIFEST_ACCEPT, MAX_MANIFEST_SIZE};
 use crate::registry::{Digest, Reference, RegistryHost, Repository};
 use auth::{parse_challenge, Challenge, TokenCache};
@@ -32,10 +33,13 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Build a client per registry.
-    pub fn new(config: &Config) -> Result<Upstreams, ConfigError> {
+    pub fn new(config: &Config, metrics: &Metrics) -> Result<Upstreams, ConfigError> {
         let mut by_host = BTreeMap::new();
         for (host, reg) in &config.registries {
-            by_host.insert(host.clone(), Arc::new(Upstream::new(reg, config)?));
+            by_host.insert(
+                host.clone(),
+                Arc::new(Upstream::new(reg, config, metrics.clone())?),
+            );
         }
         Ok(Upstreams { by_host })
     }
@@ -73,6 +77,7 @@ pub struct Upstream {
     /// The registry answered a Basic challenge once: send Basic up front.
     basic: AtomicBool,
     read_timeout: Duration,
+    metrics: Metrics,
 }
 
 fn is_private(ip: IpAddr) -> bool {
@@ -125,7 +130,11 @@ pub fn redact(url: &Url) -> String {
 }
 
 impl Upstream {
-    fn new(reg: &RegistryConfig, config: &Config) -> Result<Upstream, ConfigError> {
+    fn new(
+        reg: &RegistryConfig,
+        config: &Config,
+        metrics: Metrics,
+    ) -> Result<Upstream, ConfigError> {
         let allow_private = url_is_private(&reg.url);
         // Follow redirects (Docker Hub, registry.k8s.io send blobs to CDNs).
         // reqwest drops Authorization on a cross-host redirect. A redirect into
@@ -176,6 +185,7 @@ impl Upstream {
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
             read_timeout: config.read_timeout,
+            metrics,
         })
     }
 
@@ -227,10 +237,28 @@ impl Upstream {
             if let Some(h) = self.auth_header(&scope).await {
                 req = req.header(header::AUTHORIZATION, h);
             }
-            let resp = req.send().await.map_err(|e| match map_reqwest(e) {
+            let kind = kind_of(tail);
+            let started = std::time::Instant::now();
+            let sent = req.send().await;
+            let status = sent
+                .as_ref()
+                .map(|r| r.status().as_str().to_owned())
+                .unwrap_or_else(|_| "error".into());
+            self.metrics
+                .upstream_requests
+                .with_label_values(&[self.host.as_str(), kind, &status])
+                .inc();
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[self.host.as_str(), kind])
+                .observe(started.elapsed().as_secs_f64());
+            let resp = sent.map_err(|e| match map_reqwest(e) {
                 Error::UpstreamTimeout(_) => Error::UpstreamTimeout(self.read_timeout),
                 other => other,
             })?;
+            if kind == "manifest" {
+                self.record_ratelimit(resp.headers());
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || retried {
                 return Ok(resp);
             }
@@ -265,6 +293,41 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// Export Docker Hub's `ratelimit-limit: 100;w=21600` and
+    /// `ratelimit-remaining: 20;w=21600` (PROTOCOL.md 4.5).
+    fn record_ratelimit(&self, h: &HeaderMap) {
+        let read = |name: &str| -> Option<i64> {
+            h.get(name)?
+                .to_str()
+                .ok()?
+                .split(';')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        if let Some(v) = read("ratelimit-remaining") {
+            self.metrics
+                .ratelimit_remaining
+                .with_label_values(&[self.host.as_str()])
+                .set(v);
+        }
+        if let Some(v) = read("ratelimit-limit") {
+            self.metrics
+                .ratelimit_limit
+                .with_label_values(&[self.host.as_str()])
+                .set(v);
+        }
+    }
+
+    /// Count content bytes received.
+    fn count_bytes(&self, kind: &str, n: usize) {
+        self.metrics
+            .upstream_bytes
+            .with_label_values(&[self.host.as_str(), kind])
+            .inc_by(n as u64);
     }
 
     /// Classify a non-success status.
@@ -344,6 +407,7 @@ impl Upstream {
             body.extend_from_slice(&chunk);
         }
         let body = body.freeze();
+        self.count_bytes("manifest", body.len());
         let media_type = match ct {
             Some(ct)
                 if !matches!(
@@ -398,7 +462,14 @@ impl Upstream {
             (resp.content_length(), offset)
         };
         let mut to_skip = skip;
+        let (metrics, host) = (self.metrics.clone(), self.host.clone());
         let stream = resp.bytes_stream().filter_map(move |chunk| {
+            if let Ok(b) = &chunk {
+                metrics
+                    .upstream_bytes
+                    .with_label_values(&[host.as_str(), "blob"])
+                    .inc_by(b.len() as u64);
+            }
             let out = match chunk {
                 Err(e) => Some(Err(map_reqwest(e))),
                 Ok(mut b) if to_skip > 0 => {
@@ -449,6 +520,17 @@ impl Upstream {
             headers.insert(header::ACCEPT, a.clone());
         }
         self.send(Method::GET, repo, tail, headers).await
+    }
+}
+
+/// The metric label for an upstream path.
+fn kind_of(tail: &str) -> &'static str {
+    match tail.split('/').next() {
+        Some("manifests") => "manifest",
+        Some("blobs") => "blob",
+        Some("tags") => "tags",
+        Some("referrers") => "referrers",
+        _ => "other",
     }
 }
 
