@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
-use url::Url;
 
 use crate::registry::RegistryHost;
 
@@ -32,7 +31,114 @@ pub struct Cli {
 pub enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
+    /// Point containerd at berth: write or remove `<certs.d>/<registry>/hosts.toml`.
+    #[command(subcommand)]
+    Containerd(ContainerdCommand),
+    /// Print k3s/RKE2 `registries.yaml` mirror entries, or merge them into a file.
+    K3s(K3sArgs),
 }
+
+/// `berth containerd ...`
+#[derive(Debug, Subcommand)]
+// Parsed once per process; boxing would only obscure the clap derive.
+#[allow(clippy::large_enum_variant)]
+pub enum ContainerdCommand {
+    /// Write a hosts.toml per mirrored registry (backing up files that are not berth's).
+    Install(ContainerdInstallArgs),
+    /// Remove berth's hosts.toml files and restore the backed-up ones.
+    Uninstall(ContainerdUninstallArgs),
+}
+
+/// Which registries to route through berth and where berth listens; shared
+/// by `berth containerd install` and `berth k3s`. By default the registries
+/// and the listen address are those `berth serve` would use with the same
+/// `--config`/`--upstream`/`--listen` (and `BERTH_*` variables).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MirrorArgs {
+    /// berth's TOML config file (read for its registries and listen address).
+    #[arg(long, short = 'c', env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The address `berth serve` listens on; the mirror URL is derived from it.
+    #[arg(long, env = "BERTH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Extra mirrored registry, as for `berth serve`: `REGISTRY=URL`. Repeatable.
+    #[arg(long = "upstream", env = "BERTH_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
+    /// Shorthand for a mirror at `http://127.0.0.1:PORT`.
+    #[arg(long, env = "BERTH_PORT", conflicts_with = "mirror")]
+    pub port: Option<u16>,
+    /// The URL containerd/k3s use to reach berth (default: from the listen address).
+    #[arg(long, env = "BERTH_MIRROR")]
+    pub mirror: Option<String>,
+    /// Route only these registries (comma-separated) instead of every mirrored one.
+    #[arg(long, env = "BERTH_REGISTRIES", value_delimiter = ',')]
+    pub registries: Vec<String>,
+    /// Also route every other registry through berth (`_default` / `"*"`).
+    #[arg(long = "default", env = "BERTH_MIRROR_DEFAULT")]
+    pub default: bool,
+}
+
+/// Flags of `berth containerd install`.
+#[derive(Debug, Clone, Args)]
+pub struct ContainerdInstallArgs {
+    /// Registries and mirror address.
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+    /// containerd's hosts directory (CRI `config_path`) to write into.
+    #[arg(long, env = "BERTH_CERTS_DIR", default_value = DEFAULT_CERTS_DIR)]
+    pub certs_dir: PathBuf,
+    /// The same directory as the host's containerd sees it, when `--certs-dir`
+    /// is a mount of it (an init container); used to check `config_path`.
+    #[arg(long, env = "BERTH_HOST_CERTS_DIR")]
+    pub host_certs_dir: Option<PathBuf>,
+    /// containerd's config file, read (never written) to check that `config_path` is set.
+    #[arg(long, env = "BERTH_CONTAINERD_CONFIG", default_value = DEFAULT_CONTAINERD_CONFIG)]
+    pub containerd_config: PathBuf,
+    /// How long containerd (>= 2.1) waits to connect to berth before falling back.
+    #[arg(long, env = "BERTH_DIAL_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+    /// The fallback `server` written for a registry: `REGISTRY=URL` (default:
+    /// the registry itself; docker.io -> https://registry-1.docker.io). Repeatable.
+    #[arg(
+        long = "server",
+        alias = "upstream-server",
+        env = "BERTH_SERVER",
+        value_delimiter = ','
+    )]
+    pub servers: Vec<String>,
+    /// Exit with status 2 (after writing the files) when containerd's
+    /// `config_path` does not include the certs dir.
+    #[arg(long, env = "BERTH_STRICT")]
+    pub strict: bool,
+}
+
+/// Flags of `berth containerd uninstall`.
+#[derive(Debug, Clone, Args)]
+pub struct ContainerdUninstallArgs {
+    /// containerd's hosts directory (CRI `config_path`).
+    #[arg(long, env = "BERTH_CERTS_DIR", default_value = DEFAULT_CERTS_DIR)]
+    pub certs_dir: PathBuf,
+}
+
+/// Flags of `berth k3s`.
+#[derive(Debug, Clone, Args)]
+pub struct K3sArgs {
+    /// Registries and mirror address.
+    #[command(flatten)]
+    pub mirror: MirrorArgs,
+    /// Merge the entries into this registries.yaml (created if missing)
+    /// instead of printing them, e.g. /etc/rancher/k3s/registries.yaml.
+    #[arg(long, alias = "write", env = "BERTH_K3S_REGISTRIES")]
+    pub merge: Option<PathBuf>,
+    /// With `--merge`: take berth's endpoint out again instead of adding it.
+    #[arg(long, requires = "merge")]
+    pub remove: bool,
+}
+
+/// containerd's usual hosts directory.
+pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
+/// containerd's usual config file.
+pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -61,6 +167,10 @@ pub struct ServeArgs {
     /// `docker.io=http://127.0.0.1:5001`. Repeatable; comma-separated in the env var.
     #[arg(long = "upstream", env = "BERTH_UPSTREAM", value_delimiter = ',')]
     pub upstreams: Vec<String>,
+    /// A docker `config.json` (or mounted `.dockerconfigjson`) whose `auths`
+    /// supply credentials for endpoints that have none in the config file.
+    #[arg(long, env = "BERTH_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
     /// Registry for requests that name none (no `?ns=`, no host in the path).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY")]
     pub default_registry: Option<String>,
@@ -100,19 +210,8 @@ pub struct FileConfig {
     read_timeout: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
     log_format: Option<LogFormat>,
-    registries: BTreeMap<String, FileRegistry>,
-}
-
-/// One `[registries."host"]` table.
-#[derive(Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct FileRegistry {
-    url: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    token: Option<String>,
-    ca_file: Option<PathBuf>,
-    insecure: bool,
+    docker_config: Option<PathBuf>,
+    registries: BTreeMap<String, crate::upstream::config::FileRegistry>,
 }
 
 /// Upstream credentials. `Debug` never prints the secret.
@@ -142,20 +241,7 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// A mirrored registry, validated.
-#[derive(Debug, Clone)]
-pub struct RegistryConfig {
-    /// The registry host clients name (`docker.io`).
-    pub host: RegistryHost,
-    /// Where berth fetches from (`https://registry-1.docker.io`).
-    pub url: Url,
-    /// Upstream credentials, if any.
-    pub credentials: Option<Credentials>,
-    /// Extra PEM CA bundle trusted for this upstream.
-    pub ca_file: Option<PathBuf>,
-    /// Skip TLS verification (explicit opt-in, warned about at start).
-    pub insecure: bool,
-}
+pub use crate::upstream::config::{EndpointConfig, RegistryConfig, DEFAULT_REGISTRIES};
 
 /// How big the cache may grow.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,16 +277,6 @@ pub struct Config {
     pub registries: BTreeMap<RegistryHost, RegistryConfig>,
 }
 
-/// The embedded registry table (`berth serve` with no config).
-pub const DEFAULT_REGISTRIES: &[(&str, &str)] = &[
-    ("docker.io", "https://registry-1.docker.io"),
-    ("ghcr.io", "https://ghcr.io"),
-    ("quay.io", "https://quay.io"),
-    ("registry.k8s.io", "https://registry.k8s.io"),
-    ("gcr.io", "https://gcr.io"),
-    ("public.ecr.aws", "https://public.ecr.aws"),
-    ("mcr.microsoft.com", "https://mcr.microsoft.com"),
-];
 /// Default listen address: loopback only; containerd on the node reaches it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
 /// Default cache directory when running as a service.
@@ -236,11 +312,22 @@ impl Config {
         Config::load(args, text.as_deref(), args.config.as_deref())
     }
 
-    /// Build the config from parsed flags and the file's text (pure).
+    /// Build the config from parsed flags and the file's text, reading
+    /// `*_env` indirections from the process environment.
     pub fn load(
         args: &ServeArgs,
         file_text: Option<&str>,
         file_path: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        Config::load_with_env(args, file_text, file_path, &|k| std::env::var(k).ok())
+    }
+
+    /// Build the config (pure: the environment is a parameter).
+    pub fn load_with_env(
+        args: &ServeArgs,
+        file_text: Option<&str>,
+        file_path: Option<&Path>,
+        env: crate::upstream::config::Env<'_>,
     ) -> Result<Config, ConfigError> {
         let where_ = file_path
             .map(|p| p.display().to_string())
@@ -251,85 +338,14 @@ impl Config {
             None => FileConfig::default(),
         };
 
-        let mut registries = BTreeMap::new();
-        for (host, url) in DEFAULT_REGISTRIES {
-            let host: RegistryHost = host.parse().expect("default host");
-            registries.insert(
-                host.clone(),
-                RegistryConfig::plain(host, Url::parse(url).expect("default url")),
-            );
-        }
-        for (name, reg) in file.registries {
-            let host: RegistryHost = name.parse().map_err(|_| {
-                err(format!(
-                    "{where_}: registries.\"{name}\": not a registry host name"
-                ))
-            })?;
-            let ctx = format!("{where_}: registries.\"{name}\"");
-            let base = registries.remove(&host);
-            let url = match (&reg.url, &base) {
-                (Some(u), _) => {
-                    parse_upstream_url(u).map_err(|e| err(format!("{ctx}.url: {e}")))?
-                }
-                (None, Some(b)) => b.url.clone(),
-                (None, None) => {
-                    return Err(err(format!(
-                        "{ctx}: `url` is required for a registry berth does not know"
-                    )))
-                }
-            };
-            let credentials = match (reg.username, reg.password, reg.token) {
-                (None, None, None) => None,
-                (Some(username), Some(password), None) => {
-                    Some(Credentials::Basic { username, password })
-                }
-                (None, None, Some(token)) => Some(Credentials::Token(token)),
-                (Some(_), None, _) | (None, Some(_), _) => {
-                    return Err(err(format!("{ctx}: `username` and `password` go together")))
-                }
-                _ => {
-                    return Err(err(format!(
-                        "{ctx}: give either `username`/`password` or `token`, not both"
-                    )))
-                }
-            };
-            if let Some(ca) = &reg.ca_file {
-                if !ca.is_file() {
-                    return Err(err(format!(
-                        "{ctx}.ca_file: {} is not a readable file",
-                        ca.display()
-                    )));
-                }
-            }
-            registries.insert(
-                host.clone(),
-                RegistryConfig {
-                    host,
-                    url,
-                    credentials,
-                    ca_file: reg.ca_file,
-                    insecure: reg.insecure,
-                },
-            );
-        }
-        for spec in &args.upstreams {
-            let (name, url) = spec
-                .split_once('=')
-                .ok_or_else(|| err(format!("--upstream {spec:?}: expected REGISTRY=URL")))?;
-            let host: RegistryHost = name.parse().map_err(|_| {
-                err(format!(
-                    "--upstream {spec:?}: {name:?} is not a registry host"
-                ))
-            })?;
-            let url =
-                parse_upstream_url(url).map_err(|e| err(format!("--upstream {spec:?}: {e}")))?;
-            match registries.get_mut(&host) {
-                Some(existing) => existing.url = url,
-                None => {
-                    registries.insert(host.clone(), RegistryConfig::plain(host, url));
-                }
-            }
-        }
+        let docker_config = args.docker_config.clone().or(file.docker_config);
+        let registries = crate::upstream::config::build(
+            file.registries,
+            &args.upstreams,
+            docker_config.as_deref(),
+            &where_,
+            env,
+        )?;
 
         let default_registry = args
             .default_registry
@@ -383,18 +399,6 @@ impl Config {
     }
 }
 
-impl RegistryConfig {
-    fn plain(host: RegistryHost, url: Url) -> Self {
-        RegistryConfig {
-            host,
-            url,
-            credentials: None,
-            ca_file: None,
-            insecure: false,
-        }
-    }
-}
-
 /// `/var/lib/berth` when it is usable (a service), else the user's cache
 /// directory, so `cargo run -- serve` works without root.
 fn default_cache_dir() -> PathBuf {
@@ -415,23 +419,6 @@ fn tempfile_probe(dir: &Path) -> bool {
     let ok = std::fs::write(&probe, b"").is_ok();
     let _ = std::fs::remove_file(&probe);
     ok
-}
-
-fn parse_upstream_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL ({e})"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("{s:?}: the scheme must be http or https"));
-    }
-    if url.host_str().is_none() {
-        return Err(format!("{s:?} has no host"));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("put credentials in `username`/`password`, not in the URL".into());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("{s:?}: an upstream URL takes no query or fragment"));
-    }
-    Ok(url)
 }
 
 /// `20GiB`, `500MB`, `1048576`, or `50%`.
@@ -487,7 +474,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.default_registry.as_str(), "docker.io");
         let dh = &c.registries[&"docker.io".parse().unwrap()];
-        assert_eq!(dh.url.as_str(), "https://registry-1.docker.io/");
+        assert_eq!(dh.primary_url().as_str(), "https://registry-1.docker.io/");
         for (h, _) in DEFAULT_REGISTRIES {
             assert!(c.registries.contains_key(&h.parse().unwrap()), "{h}");
         }
@@ -513,8 +500,11 @@ mod tests {
         assert_eq!(c.tag_ttl, Duration::from_secs(7));
         assert_eq!(c.capacity, Capacity::Bytes(10 << 30));
         let dh = &c.registries[&"docker.io".parse().unwrap()];
-        assert_eq!(dh.url.as_str(), "http://127.0.0.1:5001/");
-        assert!(matches!(dh.credentials, Some(Credentials::Basic { .. })));
+        assert_eq!(dh.primary_url().as_str(), "http://127.0.0.1:5001/");
+        assert!(matches!(
+            dh.endpoints[0].credentials,
+            Some(Credentials::Basic { .. })
+        ));
         assert!(c.registries.contains_key(&"my.reg:5000".parse().unwrap()));
     }
 

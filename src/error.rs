@@ -63,7 +63,7 @@ pub enum Error {
     UpstreamDenied(u16),
     /// The upstream is throttling us.
     #[error("upstream registry is rate limiting")]
-    UpstreamThrottled,
+    UpstreamThrottled(Option<Duration>),
     /// Any other unexpected upstream status or protocol violation.
     #[error("upstream registry failed")]
     UpstreamFailed(String),
@@ -104,7 +104,7 @@ impl Error {
             | UpstreamUnreachable(_)
             | UpstreamTimeout(_)
             | UpstreamDenied(_)
-            | UpstreamThrottled
+            | UpstreamThrottled(_)
             | UpstreamFailed(_)
             | DigestMismatch { .. }
             | ManifestTooLarge(_) => Source::Upstream,
@@ -125,7 +125,7 @@ impl Error {
             Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             RangeInvalid(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             UpstreamDenied(_) => StatusCode::FORBIDDEN,
-            UpstreamThrottled => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamThrottled(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             UpstreamUnreachable(_)
             | UpstreamFailed(_)
@@ -148,7 +148,7 @@ impl Error {
             Unsupported(_) | NotFound(_) => ErrorCode::Unsupported,
             RangeInvalid(_) => ErrorCode::RangeInvalid,
             UpstreamDenied(_) => ErrorCode::Denied,
-            UpstreamThrottled => ErrorCode::Toomanyrequests,
+            UpstreamThrottled(_) => ErrorCode::Toomanyrequests,
             ManifestTooLarge(_) => ErrorCode::SizeInvalid,
             UpstreamUnreachable(_)
             | UpstreamTimeout(_)
@@ -184,7 +184,7 @@ impl Error {
                 Some(format!("expected {expected}, got {actual}"))
             }
             ManifestTooLarge(n) => Some(format!("{n} bytes")),
-            UpstreamThrottled => None,
+            UpstreamThrottled(_) => None,
             Io(e) => Some(e.kind().to_string()),
         }
     }
@@ -213,7 +213,7 @@ mod tests {
         );
         assert_eq!(Error::Unsupported("push").status(), 405);
         assert_eq!(
-            Error::UpstreamThrottled.status(),
+            Error::UpstreamThrottled(None).status(),
             503,
             "never 429 towards containerd"
         );

@@ -28,6 +28,8 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Command::Containerd(cmd) => std::process::exit(berth::node::run_containerd(&cmd)),
+        Command::K3s(args) => std::process::exit(berth::node::run_k3s(&args)),
     }
 }
 
@@ -38,7 +40,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics_listen = config.metrics_listen;
     let cache_dir = config.cache_dir.clone();
     for (host, reg) in &config.registries {
-        tracing::info!(registry = %host, upstream = %berth::upstream::redact(&reg.url), auth = reg.credentials.is_some(), "mirroring");
+        for (i, ep) in reg.endpoints.iter().enumerate() {
+            tracing::info!(registry = %host, order = i, endpoint = %berth::upstream::redact(&ep.url), hub = ep.hub, auth = ep.credentials.is_some(), "mirroring");
+        }
     }
     let state = berth::build_state(config)?;
     let listener = tokio::net::TcpListener::bind(listen)

@@ -111,13 +111,13 @@ impl Metrics {
             )?,
             upstream_requests: counter_vec(
                 "berth_upstream_requests_total",
-                "Requests sent upstream, by registry, kind and status (error when no response).",
-                &["registry", "kind", "status"],
+                "Requests sent upstream, by registry, endpoint, kind and status (error when no response).",
+                &["registry", "endpoint", "kind", "status"],
             )?,
             upstream_duration: histogram_vec(
                 "berth_upstream_request_duration_seconds",
-                "Upstream latency until response headers, by registry and kind.",
-                &["registry", "kind"],
+                "Upstream latency until response headers, by registry, endpoint and kind.",
+                &["registry", "endpoint", "kind"],
             )?,
             upstream_bytes: counter_vec(
                 "berth_upstream_bytes_total",
