@@ -31,11 +31,24 @@ pub struct Cli {
 pub enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
+    /// Test every configured upstream endpoint: reachability, TLS, auth, rate-limit headroom.
+    Check(CheckArgs),
     /// Point containerd at berth: write or remove `<certs.d>/<registry>/hosts.toml`.
     #[command(subcommand)]
     Containerd(ContainerdCommand),
     /// Print k3s/RKE2 `registries.yaml` mirror entries, or merge them into a file.
     K3s(K3sArgs),
+}
+
+/// `berth check`: the same settings as `serve`, plus which registries to test.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Only these registries (repeatable); all configured ones by default.
+    #[arg(long = "registry")]
+    pub registries: Vec<String>,
+    /// Config, upstreams and timeouts as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// `berth containerd ...`

@@ -28,6 +28,7 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Command::Check(args) => std::process::exit(check(&args)),
         Command::Containerd(cmd) => std::process::exit(berth::node::run_containerd(&cmd)),
         Command::K3s(args) => std::process::exit(berth::node::run_k3s(&args)),
     }
@@ -60,6 +61,40 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     berth::serve(state, listener, metrics_listener, shutdown_signal()).await;
     tracing::info!("berth stopped");
     Ok(())
+}
+
+/// `berth check`: exit 0 when every endpoint works, 1 otherwise, 64 on a bad config.
+fn check(args: &berth::config::CheckArgs) -> i32 {
+    let config = match Config::from_args(&args.serve) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: invalid configuration: {e}");
+            return EX_USAGE;
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async {
+        let metrics = berth::metrics::Metrics::register().expect("metrics");
+        let upstreams = match berth::upstream::Upstreams::new(&config, &metrics) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("berth: {e}");
+                return EX_USAGE;
+            }
+        };
+        let reports = berth::upstream::check::run(&upstreams, &args.registries).await;
+        if reports.is_empty() {
+            eprintln!(
+                "berth: no configured registry matches {:?}",
+                args.registries
+            );
+            return EX_USAGE;
+        }
+        let (text, code) = berth::upstream::check::render(&reports);
+        print!("{text}");
+        code
+    })
 }
 
 async fn shutdown_signal() {

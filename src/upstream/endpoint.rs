@@ -145,6 +145,75 @@ impl Endpoint {
         })
     }
 
+    /// `scheme://host[:port]/` of the endpoint.
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    /// The HTTP client (for `berth check`).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The configured credentials (for `berth check`; never logged).
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// Fetch a token for a pull scope, anonymously or with `creds`.
+    pub async fn probe_token(
+        &self,
+        challenge: &Challenge,
+        creds: Option<&Credentials>,
+    ) -> Result<(), String> {
+        let scope = match challenge {
+            Challenge::Bearer { scope: Some(s), .. } => s.clone(),
+            _ => format!(
+                "repository:{}:pull",
+                self.prefix
+                    .clone()
+                    .unwrap_or_else(|| "library/alpine".into())
+            ),
+        };
+        let cache = TokenCache::default();
+        cache
+            .get(&self.client, &self.root, challenge, &scope, creds)
+            .await
+            .map(|_| ())
+            .map_err(|e| match e.detail() {
+                Some(d) => format!("{e} ({d})"),
+                None => e.to_string(),
+            })
+    }
+
+    /// `remaining/limit` from a manifest HEAD's rate-limit headers, if sent.
+    pub async fn ratelimit(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+    ) -> Result<Option<String>, Error> {
+        let resp = self
+            .send(
+                Method::HEAD,
+                repo,
+                &format!("manifests/{reference}"),
+                manifest_accept(),
+            )
+            .await?;
+        let read = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
+        };
+        Ok(
+            match (read("ratelimit-remaining"), read("ratelimit-limit")) {
+                (Some(r), Some(l)) => Some(format!("{r} of {l} pulls left in the window")),
+                _ => None,
+            },
+        )
+    }
+
     /// The endpoint URL (for logs and metrics; no secrets in it).
     pub fn base(&self) -> &Url {
         &self.base

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod breaker;
+pub mod check;
 pub mod config;
 pub mod endpoint;
 pub mod limiter;
@@ -273,8 +274,9 @@ pub(crate) fn map_reqwest(e: reqwest::Error) -> Error {
 
 /// A URL fit for logs and error details: no query, no credentials.
 pub fn redact(url: &Url) -> String {
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     format!(
-        "{}://{}{}",
+        "{}://{}{port}{}",
         url.scheme(),
         url.host_str().unwrap_or(""),
         url.path()
