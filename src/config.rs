@@ -184,6 +184,16 @@ pub struct ServeArgs {
     /// supply credentials for endpoints that have none in the config file.
     #[arg(long, env = "BERTH_DOCKER_CONFIG")]
     pub docker_config: Option<PathBuf>,
+    /// Never evict images matching this rule (`[registry/]repo[:tag]` with
+    /// `*`/`**` globs). Repeatable; added to the config file's `pins`.
+    #[arg(long = "pin", env = "BERTH_PINS", value_delimiter = ',')]
+    pub pins: Vec<String>,
+    /// Prefetch images matching this rule. Repeatable; added to `[prefetch] images`.
+    #[arg(long = "prefetch", env = "BERTH_PREFETCH", value_delimiter = ',')]
+    pub prefetch: Vec<String>,
+    /// Remove unpinned content not used for this long (`0s` keeps it until the LRU needs room).
+    #[arg(long, env = "BERTH_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
     /// Registry for requests that name none (no `?ns=`, no host in the path).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY")]
     pub default_registry: Option<String>,
@@ -224,7 +234,44 @@ pub struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     docker_config: Option<PathBuf>,
+    pins: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    retention: Option<Duration>,
+    prefetch: FilePrefetch,
     registries: BTreeMap<String, crate::upstream::config::FileRegistry>,
+}
+
+/// The `[prefetch]` table.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FilePrefetch {
+    images: Vec<String>,
+    platforms: Vec<String>,
+    on_start: bool,
+    #[serde(with = "humantime_serde")]
+    interval: Option<Duration>,
+    concurrency: Option<usize>,
+    bandwidth: Option<String>,
+    max_tags: Option<usize>,
+}
+
+/// What `berth prefetch` (and the daemon's prefetch schedule) fetches ahead.
+#[derive(Debug, Clone, Default)]
+pub struct PrefetchConfig {
+    /// Image rules to fetch (pins are fetched too).
+    pub images: crate::pins::Rules,
+    /// Platforms (`os/arch[/variant]`, or `all`); empty means all.
+    pub platforms: Vec<String>,
+    /// Run once when the daemon starts.
+    pub on_start: bool,
+    /// Run again at this interval in the daemon.
+    pub interval: Option<Duration>,
+    /// Downloads at once.
+    pub concurrency: usize,
+    /// Bytes per second for prefetch downloads, all together.
+    pub bandwidth: Option<u64>,
+    /// Most tags per rule (newest-looking last in the upstream list are taken).
+    pub max_tags: usize,
 }
 
 /// Upstream credentials. `Debug` never prints the secret.
@@ -288,12 +335,20 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Mirrored registries by host.
     pub registries: BTreeMap<RegistryHost, RegistryConfig>,
+    /// Images never evicted.
+    pub pins: crate::pins::Rules,
+    /// Unpinned content unused this long is removed (0 = never).
+    pub retention: Duration,
+    /// Prefetch rules and schedule.
+    pub prefetch: PrefetchConfig,
 }
 
 /// Default listen address: loopback only; containerd on the node reaches it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
 /// Default cache directory when running as a service.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/berth";
+/// Default retention: Harbor's proxy-project default of 7 days since last use.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default tag TTL.
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 /// Default cache bound: half of the cache filesystem.
@@ -387,6 +442,29 @@ impl Config {
             Some(l) => l,
             None => DEFAULT_LISTEN.parse().expect("default listen"),
         };
+        let mut pin_texts = file.pins;
+        pin_texts.extend(args.pins.iter().cloned());
+        let pins = crate::pins::Rules::parse(&pin_texts).map_err(|e| err(format!("pins: {e}")))?;
+        let fp = file.prefetch;
+        let mut images = fp.images;
+        images.extend(args.prefetch.iter().cloned());
+        let prefetch =
+            PrefetchConfig {
+                images: crate::pins::Rules::parse(&images)
+                    .map_err(|e| err(format!("prefetch.images: {e}")))?,
+                platforms: fp.platforms,
+                on_start: fp.on_start,
+                interval: fp.interval,
+                concurrency: fp.concurrency.unwrap_or(4).clamp(1, 64),
+                bandwidth: match fp.bandwidth.as_deref().map(parse_capacity) {
+                    None => None,
+                    Some(Ok(Capacity::Bytes(b))) => Some(b),
+                    Some(_) => return Err(err(
+                        "prefetch.bandwidth: expected a byte rate such as \"20MiB\" (per second)",
+                    )),
+                },
+                max_tags: fp.max_tags.unwrap_or(20).max(1),
+            };
         Ok(Config {
             listen,
             cache_dir: args
@@ -408,6 +486,12 @@ impl Config {
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             registries,
+            pins,
+            retention: args
+                .retention
+                .or(file.retention)
+                .unwrap_or(DEFAULT_RETENTION),
+            prefetch,
         })
     }
 }

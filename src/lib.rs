@@ -33,6 +33,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod node;
+pub mod pins;
 pub mod registry;
 pub mod server;
 pub mod state;
@@ -68,12 +69,14 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
             (total as f64 * f) as u64
         }
     };
-    let cache = cache::Cache::open(&config.cache_dir, capacity)
+    // Before opening (which empties tmp/): never share a cache with a live daemon.
+    let lock = cache::store::lock(&config.cache_dir)?;
+    let cache = cache::Cache::open(&config.cache_dir, capacity, config.pins.clone())
         .with_context(|| format!("cannot open cache directory {}", config.cache_dir.display()))?;
     let metrics = metrics::Metrics::register().context("registering metrics")?;
     let upstreams =
         upstream::Upstreams::new(&config, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(AppState::new(config, cache, upstreams, metrics))
+    Ok(AppState::new(config, cache, upstreams, metrics, lock))
 }
 
 /// Serve the registry API (and, if given, the metrics listener) until
@@ -92,6 +95,27 @@ pub async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    let retention = state.config.retention;
+    if !retention.is_zero() {
+        let st = state.clone();
+        let mut stop = rx.clone();
+        tokio::spawn(async move {
+            // Check often enough to be within ~4% of the configured age.
+            let every = (retention / 24).clamp(
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(3600),
+            );
+            loop {
+                let cache = st.clone();
+                let _ = tokio::task::spawn_blocking(move || cache.cache.apply_retention(retention))
+                    .await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|v| *v) => break,
+                }
+            }
+        });
+    }
     let metrics = metrics_listener.map(|l| {
         let st = state.clone();
         let rx = rx.clone();

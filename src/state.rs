@@ -31,11 +31,19 @@ pub struct Inner {
     pub manifest_fetches: Coalescer<(RegistryHost, Repository, Reference), Manifest>,
     /// Set once the cache index is loaded.
     pub ready: AtomicBool,
+    /// The cache directory's lock, held for the daemon's lifetime.
+    _lock: std::fs::File,
 }
 
 impl AppState {
     /// Wrap the parts.
-    pub fn new(config: Config, cache: Cache, upstreams: Upstreams, metrics: Metrics) -> AppState {
+    pub fn new(
+        config: Config,
+        cache: Cache,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        lock: std::fs::File,
+    ) -> AppState {
         AppState(Arc::new(Inner {
             config,
             cache,
@@ -44,6 +52,7 @@ impl AppState {
             heads: Coalescer::default(),
             manifest_fetches: Coalescer::default(),
             ready: AtomicBool::new(true),
+            _lock: lock,
         }))
     }
 }

@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use arc_swap::ArcSwap;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
@@ -51,11 +55,23 @@ impl Entry {
 }
 
 /// The LRU index. Cheap to share behind an `Arc`; no lock is held across I/O.
+///
+/// Pinned content is kept out of the LRU (in a copy-on-write map read
+/// without locks), and its bytes are held by one reservation so the LRU
+/// still keeps the total within capacity.
 pub struct Index {
     entries: Cache<Key, Arc<Entry>>,
     capacity: u64,
     next_reservation: AtomicU64,
     evictions: Arc<AtomicU64>,
+    /// Digests that must never be evicted (published or not yet).
+    pin_set: ArcSwap<HashSet<Digest>>,
+    /// Published pinned entries.
+    pinned: ArcSwap<HashMap<Digest, Arc<Entry>>>,
+    /// Space held for the pinned bytes.
+    pinned_space: Mutex<Option<Reservation>>,
+    /// Serialises pin-set updates (never held across I/O).
+    pin_update: Mutex<()>,
 }
 
 /// Space held for a download; released on drop.
@@ -118,13 +134,98 @@ impl Index {
             capacity,
             next_reservation: AtomicU64::new(0),
             evictions,
+            pin_set: ArcSwap::from_pointee(HashSet::new()),
+            pinned: ArcSwap::from_pointee(HashMap::new()),
+            pinned_space: Mutex::new(None),
+            pin_update: Mutex::new(()),
         }
     }
 
+    /// Whether a digest is pinned.
+    pub fn is_pinned(&self, d: &Digest) -> bool {
+        self.pin_set.load().contains(d)
+    }
+
+    /// The pinned digests.
+    pub fn pins(&self) -> Arc<HashSet<Digest>> {
+        self.pin_set.load_full()
+    }
+
+    /// Pin more digests (content already published moves out of the LRU).
+    pub fn pin(self: &Arc<Self>, more: impl IntoIterator<Item = Digest>) {
+        let _g = self.pin_update.lock().expect("pin lock");
+        let mut set = (**self.pin_set.load()).clone();
+        let before = set.len();
+        set.extend(more);
+        if set.len() == before {
+            return;
+        }
+        self.apply_pins(set);
+    }
+
+    /// Replace the pin set.
+    pub fn set_pins(self: &Arc<Self>, set: HashSet<Digest>) {
+        let _g = self.pin_update.lock().expect("pin lock");
+        self.apply_pins(set);
+    }
+
+    fn apply_pins(self: &Arc<Self>, set: HashSet<Digest>) {
+        let mut pinned = (**self.pinned.load()).clone();
+        // Unpinned entries go back to the LRU.
+        let released: Vec<Digest> = pinned
+            .keys()
+            .filter(|d| !set.contains(*d))
+            .cloned()
+            .collect();
+        for d in released {
+            if let Some(e) = pinned.remove(&d) {
+                self.entries.insert(Key::Blob(d), e);
+            }
+        }
+        // Newly pinned published entries leave the LRU (an explicit removal
+        // does not unlink).
+        for d in &set {
+            if pinned.contains_key(d) {
+                continue;
+            }
+            if let Some(e) = self.entries.remove(&Key::Blob(d.clone())) {
+                pinned.insert(d.clone(), e);
+            }
+        }
+        self.pin_set.store(Arc::new(set));
+        let bytes: u64 = pinned.values().map(|e| e.size).sum();
+        self.pinned.store(Arc::new(pinned));
+        let mut space = self.pinned_space.lock().expect("pinned space lock");
+        *space = (bytes > 0).then(|| self.reserve(bytes));
+    }
+
+    /// Bytes of published pinned content.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned.load().values().map(|e| e.size).sum()
+    }
+
     /// Rebuild from a scan of the store (least recent first, so the LRU order
-    /// is restored).
-    pub fn load(&self, scanned: Vec<Scanned>) {
-        for s in scanned {
+    /// is restored). Pinned digests go straight to the pinned map, so loading
+    /// an over-full cache never evicts them.
+    pub fn load(self: &Arc<Self>, scanned: Vec<Scanned>, pins: HashSet<Digest>) {
+        let (pinned, rest): (Vec<_>, Vec<_>) =
+            scanned.into_iter().partition(|s| pins.contains(&s.digest));
+        let pinned: HashMap<Digest, Arc<Entry>> = pinned
+            .into_iter()
+            .map(|s| {
+                (
+                    s.digest,
+                    Arc::new(Entry {
+                        size: s.size,
+                        ino: s.ino,
+                        touched: AtomicU64::new(unix_now()),
+                    }),
+                )
+            })
+            .collect();
+        self.pinned.store(Arc::new(pinned));
+        self.set_pins(pins);
+        for s in rest {
             let touched = s
                 .last_used
                 .duration_since(UNIX_EPOCH)
@@ -144,27 +245,74 @@ impl Index {
 
     /// Look up published content; counts as a use.
     pub fn get(&self, d: &Digest) -> Option<Arc<Entry>> {
+        if let Some(e) = self.pinned.load().get(d) {
+            return Some(e.clone());
+        }
         self.entries.get(&Key::Blob(d.clone()))
     }
 
     /// Whether content is published, without counting a use.
     pub fn contains(&self, d: &Digest) -> bool {
-        self.entries.contains_key(&Key::Blob(d.clone()))
+        self.pinned.load().contains_key(d) || self.entries.contains_key(&Key::Blob(d.clone()))
     }
 
     /// Record newly published content and evict what no longer fits.
-    pub fn insert(&self, d: Digest, size: u64, ino: u64) {
+    pub fn insert(self: &Arc<Self>, d: Digest, size: u64, ino: u64) {
         let e = Arc::new(Entry {
             size,
             ino,
             touched: AtomicU64::new(unix_now()),
         });
+        if self.is_pinned(&d) {
+            let _g = self.pin_update.lock().expect("pin lock");
+            let mut pinned = (**self.pinned.load()).clone();
+            pinned.insert(d.clone(), e);
+            self.pinned.store(Arc::new(pinned));
+            let set = (**self.pin_set.load()).clone();
+            self.apply_pins(set);
+            return;
+        }
         self.entries.insert(Key::Blob(d), e);
         self.entries.run_pending_tasks();
+        self.keep_pinned_space_recent();
+    }
+
+    /// The pinned-space reservation is an LRU entry like any other; touch it
+    /// so it is never the one evicted.
+    fn keep_pinned_space_recent(&self) {
+        if let Ok(space) = self.pinned_space.try_lock() {
+            if let Some(r) = space.as_ref() {
+                let _ = self.entries.get(&Key::Reservation(r.id));
+            }
+        }
     }
 
     /// Forget an entry whose file has gone (nothing is unlinked).
     pub fn forget(&self, d: &Digest) {
+        self.entries.invalidate(&Key::Blob(d.clone()));
+        if self.pinned.load().contains_key(d) {
+            let _g = self.pin_update.lock().expect("pin lock");
+            let mut pinned = (**self.pinned.load()).clone();
+            pinned.remove(d);
+            self.pinned.store(Arc::new(pinned));
+        }
+    }
+
+    /// Unpinned entries not used since `before` (unix seconds), for retention.
+    pub fn unused_since(&self, before: u64) -> Vec<(Digest, u64, u64)> {
+        self.entries
+            .iter()
+            .filter_map(|(k, e)| match &*k {
+                Key::Blob(d) if e.touched.load(Ordering::Relaxed) < before => {
+                    Some((d.clone(), e.size, e.ino))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Drop an entry from the index (the caller removes the file).
+    pub fn remove(&self, d: &Digest) {
         self.entries.invalidate(&Key::Blob(d.clone()));
     }
 
@@ -220,7 +368,7 @@ mod tests {
     fn evicts_least_recent_and_unlinks() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Index::new(10 * 1024, store.clone());
+        let index = Arc::new(Index::new(10 * 1024, store.clone()));
         let mut ds = Vec::new();
         for i in 0..3u8 {
             let body = vec![i; 4096];
@@ -240,6 +388,39 @@ mod tests {
             "evicted file unlinked"
         );
         assert_eq!(index.evictions(), 1);
+    }
+
+    #[test]
+    fn pinned_content_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Arc::new(Index::new(12 * 1024, store.clone()));
+        let put = |i: u8| {
+            let body = vec![i; 4096];
+            let d = Digest::of(&body);
+            let ino = store.publish_bytes(&d, &body).unwrap();
+            (d, ino)
+        };
+        let (p, ino) = put(0);
+        index.pin([p.clone()]);
+        index.insert(p.clone(), 4096, ino);
+        for i in 1..10u8 {
+            let (d, ino) = put(i);
+            index.insert(d, 4096, ino);
+        }
+        assert!(index.contains(&p), "pinned survives LRU pressure");
+        assert!(store.open_published(&p).unwrap().is_some());
+        assert!(
+            index.weighted_bytes() <= 12 * 1024,
+            "pinned bytes still count toward capacity"
+        );
+        // Unpinning returns it to the LRU.
+        index.set_pins(HashSet::new());
+        for i in 10..20u8 {
+            let (d, ino) = put(i);
+            index.insert(d, 4096, ino);
+        }
+        assert!(!index.contains(&p));
     }
 
     #[test]

@@ -12,7 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashSet;
+
 use crate::error::{Error, Result};
+use crate::pins::Rules;
 use crate::registry::{Digest, RegistryHost, Repository, Tag};
 use flight::Flights;
 use index::Index;
@@ -86,16 +89,67 @@ pub struct Cache {
     manifests: moka::sync::Cache<Digest, Manifest>,
     /// Tag records read from disk or written recently.
     tags: moka::sync::Cache<TagKey, TagRecord>,
+    /// Images never evicted.
+    pins: Rules,
+}
+
+/// Every digest reachable from the tag records that match `rules`.
+pub fn pinned_digests(store: &Store, rules: &Rules) -> std::io::Result<HashSet<Digest>> {
+    if rules.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut roots = Vec::new();
+    for (reg, repo, tag, bytes) in store.tag_records()? {
+        if rules.matches(&reg, repo.as_str(), tag.as_str()) {
+            if let Some(d) = serde_json::from_slice::<TagRecord>(&bytes)
+                .ok()
+                .and_then(|r| r.digest())
+            {
+                roots.push(d);
+            }
+        }
+    }
+    Ok(closure(store, roots))
+}
+
+/// The digests of `roots` and everything their cached manifests reference
+/// (index -> manifests -> config and layers). Missing manifests end the walk
+/// there; their children are pinned when they arrive.
+pub fn closure(store: &Store, roots: Vec<Digest>) -> HashSet<Digest> {
+    let mut seen = HashSet::new();
+    let mut stack = roots;
+    while let Some(d) = stack.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        let Ok(Some(bytes)) = store.read_manifest(&d) else {
+            continue;
+        };
+        for c in crate::registry::manifest::children(&bytes).unwrap_or_default() {
+            if c.is_manifest {
+                stack.push(c.digest);
+            } else {
+                seen.insert(c.digest);
+            }
+        }
+    }
+    seen
 }
 
 impl Cache {
-    /// Open the cache directory and rebuild the index from it.
-    pub fn open(dir: &std::path::Path, capacity: u64) -> std::io::Result<Cache> {
+    /// Open the cache directory and rebuild the index from it; content of
+    /// tags matching `pins` (and everything those manifests reference) is
+    /// pinned before anything could be evicted.
+    pub fn open(dir: &std::path::Path, capacity: u64, pins: Rules) -> std::io::Result<Cache> {
         let store = Arc::new(Store::open(dir)?);
         let index = Arc::new(Index::new(capacity, store.clone()));
         let scanned = store.scan()?;
         let n = scanned.len();
-        index.load(scanned);
+        let pinned = pinned_digests(&store, &pins)?;
+        if !pinned.is_empty() {
+            tracing::info!(digests = pinned.len(), "pinned content found");
+        }
+        index.load(scanned, pinned);
         tracing::info!(
             blobs = n,
             bytes = index.weighted_bytes(),
@@ -111,6 +165,7 @@ impl Cache {
                 .weigher(|_, m: &Manifest| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
                 .build(),
             tags: moka::sync::Cache::new(100_000),
+            pins,
         })
     }
 
@@ -166,6 +221,10 @@ impl Cache {
         self.index
             .insert(m.digest.clone(), m.bytes.len() as u64, ino);
         self.manifests.insert(m.digest.clone(), m.clone());
+        if self.index.is_pinned(&m.digest) {
+            // A pinned manifest arrived: pin what it references too.
+            self.index.pin(closure(&self.store, vec![m.digest.clone()]));
+        }
         Ok(())
     }
 
@@ -192,9 +251,45 @@ impl Cache {
     ) -> Result<()> {
         let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Internal(e.to_string()))?;
         self.store.write_tag(registry, repo, tag, &bytes)?;
+        if self.pins.matches(registry, repo.as_str(), tag.as_str()) {
+            if let Some(d) = rec.digest() {
+                self.index.pin(closure(&self.store, vec![d]));
+            }
+        }
         self.tags
             .insert((registry.clone(), repo.clone(), tag.clone()), rec);
         Ok(())
+    }
+
+    /// Remove unpinned content unused for `retention`; returns (entries, bytes).
+    pub fn apply_retention(&self, retention: Duration) -> (usize, u64) {
+        if retention.is_zero() {
+            return (0, 0);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let before = now.saturating_sub(retention.as_secs());
+        let (mut n, mut bytes) = (0, 0);
+        for (d, size, ino) in self.index.unused_since(before) {
+            self.index.remove(&d);
+            self.manifests.invalidate(&d);
+            match self.store.remove_blob(&d, ino) {
+                Ok(true) => {
+                    n += 1;
+                    bytes += size;
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, digest = %d, "could not remove expired content")
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(entries = n, bytes, retention = %humantime::format_duration(retention), "removed content unused for longer than the retention period");
+        }
+        (n, bytes)
     }
 
     /// What a fetch task needs to publish into this cache.

@@ -179,6 +179,51 @@ impl Store {
         self.write_atomic(&self.tag_path(registry, repo, tag), bytes)
     }
 
+    /// Every tag record on disk: (registry, repository, tag, record bytes).
+    /// Entries whose path does not parse are skipped.
+    pub fn tag_records(&self) -> io::Result<Vec<(RegistryHost, Repository, Tag, Vec<u8>)>> {
+        let root = self.root.join("tags");
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let Ok(rel) = path.strip_prefix(&root) else {
+                    continue;
+                };
+                let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+                // <registry>/<repo...>/_tags/<tag>
+                if parts.len() < 4 || parts[parts.len() - 2] != "_tags" {
+                    continue;
+                }
+                let (Ok(reg), Ok(repo), Ok(tag)) = (
+                    parts[0].parse::<RegistryHost>(),
+                    parts[1..parts.len() - 2].join("/").parse::<Repository>(),
+                    parts[parts.len() - 1].parse::<Tag>(),
+                ) else {
+                    continue;
+                };
+                if let Some(bytes) = read_optional(&path)? {
+                    out.push((reg, repo, tag, bytes));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read a published manifest's bytes (small), if it is one.
+    pub fn read_manifest(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
+        if self.read_media_type(d)?.is_none() {
+            return Ok(None);
+        }
+        read_optional(&self.blob_path(d))
+    }
+
     /// Crash-safe small write: tmp in the same directory, fsync, rename.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let (mut f, tmp) = self.create_tmp()?;
@@ -251,6 +296,38 @@ impl Store {
     }
 }
 
+/// Why the cache directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process (a running daemon) holds it.
+    #[error(
+        "cache directory {0} is in use by a running berth (its lock file is held); stop it first"
+    )]
+    Busy(PathBuf),
+    /// The lock file could not be opened.
+    #[error("cannot open the lock file in {0}: {1}")]
+    Io(PathBuf, io::Error),
+}
+
+/// Take the cache directory's exclusive lock (`<dir>/lock`), held until
+/// the returned file is dropped. The daemon holds it for its lifetime;
+/// offline commands that change the cache take it too, so they refuse to
+/// run under a live daemon. The kernel releases it if the process dies.
+pub fn lock(dir: &Path) -> Result<File, LockError> {
+    fs::create_dir_all(dir).map_err(|e| LockError::Io(dir.to_path_buf(), e))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| LockError::Io(dir.to_path_buf(), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => Err(LockError::Busy(dir.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(LockError::Io(dir.to_path_buf(), e)),
+    }
+}
+
 fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
@@ -280,6 +357,15 @@ mod tests {
         );
         assert!(store.remove_blob(&d, ino).unwrap());
         assert!(store.open_published(&d).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        assert!(matches!(lock(dir.path()), Err(LockError::Busy(_))));
+        drop(held);
+        lock(dir.path()).unwrap();
     }
 
     #[test]

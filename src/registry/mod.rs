@@ -4,6 +4,7 @@
 
 pub mod digest;
 pub mod error_code;
+pub mod manifest;
 pub mod media_type;
 pub mod reference;
 

@@ -136,10 +136,9 @@ pub async fn manifest(
     let upstream = upstream_for(state, t)?;
     match revalidate(state, &upstream, t, &tag, head).await {
         Ok(resp) => Ok(resp),
-        Err(e) if e.is_not_found() => {
-            // Upstream says the tag is gone: reject, as Harbor does by default.
-            Err(e)
-        }
+        // Upstream says the tag is gone: reject, as Harbor does by default,
+        // unless the registry is configured to keep serving the cached copy.
+        Err(e) if e.is_not_found() && !upstream.serve_stale_on_not_found => Err(e),
         Err(e) => {
             let Some(rec) = rec else { return Err(e) };
             if let Some(d) = rec.digest() {

@@ -1,0 +1,178 @@
+//! Image rules with Harbor-style globs (`*` within a path segment, `**`
+//! across segments), used for pins (never evicted) and prefetch. A rule is
+//! `[registry/]repository[:tag]`: `library/*:1.*`, `**/etcd:**`,
+//! `ghcr.io/org/app:v2`. Without a registry it matches every registry; a
+//! missing tag matches every tag.
+
+use std::fmt;
+
+use regex::Regex;
+
+use crate::registry::RegistryHost;
+
+/// One parsed rule.
+#[derive(Clone)]
+pub struct Rule {
+    text: String,
+    registry: Option<RegistryHost>,
+    repo: Regex,
+    tag: Regex,
+    /// The literal tag when the tag part has no wildcard (prefetch can then
+    /// skip listing tags).
+    pub literal_tag: Option<String>,
+    /// The literal repository when it has no wildcard.
+    pub literal_repo: Option<String>,
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn glob(pattern: &str) -> Result<Regex, String> {
+    let mut re = String::from("^");
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' if chars.peek() == Some(&'*') => {
+                chars.next();
+                // `**/` also matches no segment at all.
+                if chars.peek() == Some(&'/') {
+                    chars.next();
+                    re.push_str("(?:.*/)?");
+                } else {
+                    re.push_str(".*");
+                }
+            }
+            '*' => re.push_str("[^/]*"),
+            '?' => re.push_str("[^/]"),
+            c if c.is_ascii_alphanumeric() || "/._-".contains(c) => {
+                re.push_str(&regex::escape(&c.to_string()))
+            }
+            c => return Err(format!("character {c:?} is not allowed in an image rule")),
+        }
+    }
+    re.push('$');
+    Regex::new(&re).map_err(|e| e.to_string())
+}
+
+impl Rule {
+    /// Parse `[registry/]repository[:tag]`.
+    pub fn parse(text: &str) -> Result<Rule, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("an empty image rule".into());
+        }
+        let (registry, rest) = match t.split_once('/') {
+            Some((first, rest)) if RegistryHost::looks_like_host(first) && !first.contains('*') => {
+                (
+                    Some(
+                        first
+                            .parse::<RegistryHost>()
+                            .map_err(|_| format!("{first:?} is not a registry host"))?,
+                    ),
+                    rest,
+                )
+            }
+            _ => (None, t),
+        };
+        // The tag separator is the last ':' after the last '/'.
+        let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+        let (repo, tag) = match rest[slash..].rfind(':') {
+            Some(i) => (&rest[..slash + i], &rest[slash + i + 1..]),
+            None => (rest, "**"),
+        };
+        if repo.is_empty() || tag.is_empty() {
+            return Err(format!("{text:?}: expected [registry/]repository[:tag]"));
+        }
+        let wild = |s: &str| s.contains('*') || s.contains('?');
+        Ok(Rule {
+            text: t.to_owned(),
+            registry,
+            repo: glob(repo).map_err(|e| format!("{text:?}: {e}"))?,
+            tag: glob(tag).map_err(|e| format!("{text:?}: {e}"))?,
+            literal_tag: (!wild(tag)).then(|| tag.to_owned()),
+            literal_repo: (!wild(repo)).then(|| repo.to_owned()),
+        })
+    }
+
+    /// Whether the rule is limited to one registry.
+    pub fn registry(&self) -> Option<&RegistryHost> {
+        self.registry.as_ref()
+    }
+
+    /// Whether `registry/repo` is covered (any tag).
+    pub fn matches_repo(&self, registry: &RegistryHost, repo: &str) -> bool {
+        self.registry.as_ref().is_none_or(|r| r == registry) && self.repo.is_match(repo)
+    }
+
+    /// Whether `registry/repo:tag` is covered.
+    pub fn matches(&self, registry: &RegistryHost, repo: &str, tag: &str) -> bool {
+        self.matches_repo(registry, repo) && self.tag.is_match(tag)
+    }
+}
+
+/// A set of rules.
+#[derive(Debug, Clone, Default)]
+pub struct Rules(pub Vec<Rule>);
+
+impl Rules {
+    /// Parse every rule, naming the bad one.
+    pub fn parse(texts: &[String]) -> Result<Rules, String> {
+        texts
+            .iter()
+            .map(|t| Rule::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Rules)
+    }
+
+    /// Whether any rule covers `registry/repo:tag`.
+    pub fn matches(&self, registry: &RegistryHost, repo: &str, tag: &str) -> bool {
+        self.0.iter().any(|r| r.matches(registry, repo, tag))
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> RegistryHost {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn harbor_style_globs() {
+        let r = Rule::parse("library/*:1.*").unwrap();
+        assert!(r.matches(&h("docker.io"), "library/nginx", "1.27"));
+        assert!(!r.matches(&h("docker.io"), "library/nginx", "2.0"));
+        assert!(
+            !r.matches(&h("docker.io"), "library/a/b", "1.0"),
+            "* stays within a segment"
+        );
+        let r = Rule::parse("**/etcd:**").unwrap();
+        assert!(r.matches(&h("registry.k8s.io"), "etcd", "3.5.12-0"));
+        assert!(r.matches(&h("quay.io"), "coreos/etcd", "v3.5"));
+        assert!(!r.matches(&h("quay.io"), "coreos/etcdctl", "v3.5"));
+        let r = Rule::parse("ghcr.io/org/app:v2").unwrap();
+        assert!(r.matches(&h("ghcr.io"), "org/app", "v2"));
+        assert!(!r.matches(&h("docker.io"), "org/app", "v2"));
+        assert_eq!(r.literal_tag.as_deref(), Some("v2"));
+        assert_eq!(r.literal_repo.as_deref(), Some("org/app"));
+        let r = Rule::parse("localhost:5000/team/*").unwrap();
+        assert!(r.matches(&h("localhost:5000"), "team/x", "anything"));
+        assert!(r.literal_tag.is_none());
+    }
+
+    #[test]
+    fn bad_rules() {
+        for bad in ["", "a:", ":b", "a b", "lib/$x"] {
+            assert!(Rule::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
