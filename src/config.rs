@@ -194,6 +194,18 @@ pub struct ServeArgs {
     /// Remove unpinned content not used for this long (`0s` keeps it until the LRU needs room).
     #[arg(long, env = "BERTH_RETENTION", value_parser = humantime::parse_duration)]
     pub retention: Option<Duration>,
+    /// Serve TLS with this PEM certificate chain (reloaded when it changes).
+    #[arg(long, env = "BERTH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "BERTH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA bundle (mTLS).
+    #[arg(long, env = "BERTH_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Require clients to send the token in this file (Bearer, or as the Basic password).
+    #[arg(long, env = "BERTH_CLIENT_TOKEN_FILE")]
+    pub client_token_file: Option<PathBuf>,
     /// Registry for requests that name none (no `?ns=`, no host in the path).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY")]
     pub default_registry: Option<String>,
@@ -237,6 +249,10 @@ pub struct FileConfig {
     pins: Vec<String>,
     #[serde(with = "humantime_serde")]
     retention: Option<Duration>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    client_token_file: Option<PathBuf>,
     prefetch: FilePrefetch,
     registries: BTreeMap<String, crate::upstream::config::FileRegistry>,
 }
@@ -341,6 +357,21 @@ pub struct Config {
     pub retention: Duration,
     /// Prefetch rules and schedule.
     pub prefetch: PrefetchConfig,
+    /// Serve TLS on the registry listener.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Clients must send this token (`Authorization: Bearer <token>`, or as
+    /// the Basic password) on registry API requests.
+    pub client_token: Option<Secret>,
+}
+
+/// A secret string: `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Default listen address: loopback only; containerd on the node reaches it.
@@ -442,6 +473,40 @@ impl Config {
             Some(l) => l,
             None => DEFAULT_LISTEN.parse().expect("default listen"),
         };
+        let tls = match (
+            args.tls_cert.clone().or(file.tls_cert),
+            args.tls_key.clone().or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => {
+                let files = crate::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: args.tls_client_ca.clone().or(file.tls_client_ca),
+                };
+                crate::tls::server_config(&files).map_err(|e| err(format!("TLS: {e}")))?;
+                Some(files)
+            }
+            (None, None) if args.tls_client_ca.is_some() || file.tls_client_ca.is_some() => {
+                return Err(err("tls_client_ca needs tls_cert and tls_key"))
+            }
+            (None, None) => None,
+            _ => return Err(err("tls_cert and tls_key go together")),
+        };
+        let client_token = match args.client_token_file.clone().or(file.client_token_file) {
+            None => None,
+            Some(p) => {
+                let t = std::fs::read_to_string(&p)
+                    .map_err(|e| err(format!("client token file {}: {e}", p.display())))?;
+                let t = t.trim().to_owned();
+                if t.len() < 16 {
+                    return Err(err(format!(
+                        "client token file {}: use a token of at least 16 characters",
+                        p.display()
+                    )));
+                }
+                Some(Secret(t))
+            }
+        };
         let mut pin_texts = file.pins;
         pin_texts.extend(args.pins.iter().cloned());
         let pins = crate::pins::Rules::parse(&pin_texts).map_err(|e| err(format!("pins: {e}")))?;
@@ -492,6 +557,8 @@ impl Config {
                 .or(file.retention)
                 .unwrap_or(DEFAULT_RETENTION),
             prefetch,
+            tls,
+            client_token,
         })
     }
 }

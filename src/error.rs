@@ -46,6 +46,9 @@ pub enum Error {
     /// A route berth does not serve (push, delete, catalog, ...).
     #[error("not supported by a read-only pull-through mirror")]
     Unsupported(&'static str),
+    /// The client did not present the configured client token.
+    #[error("authentication required")]
+    Unauthorized,
     /// A path that is not part of the registry API.
     #[error("no such API route")]
     NotFound(String),
@@ -98,7 +101,7 @@ impl Error {
         use Error::*;
         match self {
             NameInvalid(_) | RegistryUnknown(_) | TagInvalid(_) | DigestInvalid(_)
-            | Unsupported(_) | RangeInvalid(_) | NotFound(_) => Source::Client,
+            | Unsupported(_) | RangeInvalid(_) | NotFound(_) | Unauthorized => Source::Client,
             ManifestUnknown(_)
             | BlobUnknown(_)
             | UpstreamUnreachable(_)
@@ -125,6 +128,7 @@ impl Error {
             Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             RangeInvalid(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             UpstreamDenied(_) => StatusCode::FORBIDDEN,
+            Unauthorized => StatusCode::UNAUTHORIZED,
             UpstreamThrottled(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             UpstreamUnreachable(_)
@@ -148,6 +152,7 @@ impl Error {
             Unsupported(_) | NotFound(_) => ErrorCode::Unsupported,
             RangeInvalid(_) => ErrorCode::RangeInvalid,
             UpstreamDenied(_) => ErrorCode::Denied,
+            Unauthorized => ErrorCode::Unauthorized,
             UpstreamThrottled(_) => ErrorCode::Toomanyrequests,
             ManifestTooLarge(_) => ErrorCode::SizeInvalid,
             UpstreamUnreachable(_)
@@ -184,7 +189,7 @@ impl Error {
                 Some(format!("expected {expected}, got {actual}"))
             }
             ManifestTooLarge(n) => Some(format!("{n} bytes")),
-            UpstreamThrottled(_) => None,
+            UpstreamThrottled(_) | Unauthorized => None,
             Io(e) => Some(e.kind().to_string()),
         }
     }

@@ -38,6 +38,7 @@ pub mod registry;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;

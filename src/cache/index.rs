@@ -195,8 +195,13 @@ impl Index {
         self.pin_set.store(Arc::new(set));
         let bytes: u64 = pinned.values().map(|e| e.size).sum();
         self.pinned.store(Arc::new(pinned));
-        let mut space = self.pinned_space.lock().expect("pinned space lock");
-        *space = (bytes > 0).then(|| self.reserve(bytes));
+        // Release the old hold before taking the new one: holding both would
+        // count the pinned bytes twice and evict unpinned content that fits.
+        // The lock is not held while reserving (that evicts, which unlinks).
+        let old = self.pinned_space.lock().expect("pinned space lock").take();
+        drop(old);
+        let space = (bytes > 0).then(|| self.reserve(bytes));
+        *self.pinned_space.lock().expect("pinned space lock") = space;
     }
 
     /// Bytes of published pinned content.
@@ -272,13 +277,15 @@ impl Index {
             self.apply_pins(set);
             return;
         }
+        self.keep_pinned_space_recent();
         self.entries.insert(Key::Blob(d), e);
         self.entries.run_pending_tasks();
-        self.keep_pinned_space_recent();
     }
 
     /// The pinned-space reservation is an LRU entry like any other; touch it
-    /// so it is never the one evicted.
+    /// so it is never the one evicted. Called before every insertion that
+    /// may evict: reads are applied before writes, so the touch ranks it
+    /// after everything but the newcomer.
     fn keep_pinned_space_recent(&self) {
         if let Ok(space) = self.pinned_space.try_lock() {
             if let Some(r) = space.as_ref() {
@@ -324,6 +331,7 @@ impl Index {
             ino: 0,
             touched: AtomicU64::new(0),
         });
+        self.keep_pinned_space_recent();
         self.entries.insert(Key::Reservation(id), e);
         self.entries.run_pending_tasks();
         Reservation {
@@ -421,6 +429,36 @@ mod tests {
             index.insert(d, 4096, ino);
         }
         assert!(!index.contains(&p));
+    }
+
+    #[test]
+    fn pinned_space_is_counted_once_and_never_the_lru_victim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Arc::new(Index::new(16 * 1024, store.clone()));
+        let put = |i: u8| {
+            let body = vec![i; 4096];
+            let d = Digest::of(&body);
+            let ino = store.publish_bytes(&d, &body).unwrap();
+            (d, ino)
+        };
+        let ((p1, i1), (p2, i2)) = (put(0), put(1));
+        index.pin([p1.clone(), p2.clone()]);
+        index.insert(p1, 4096, i1);
+        let ((a, ia), (b, ib)) = (put(2), put(3));
+        index.insert(a.clone(), 4096, ia);
+        index.insert(b.clone(), 4096, ib);
+        // 4 KiB pinned + 8 KiB unpinned + 4 KiB more pinned fit exactly.
+        index.insert(p2, 4096, i2);
+        assert!(index.contains(&a) && index.contains(&b), "nothing evicted");
+        assert_eq!(index.weighted_bytes(), 16 * 1024);
+        // Hits rank the unpinned entries after the pinned space; a new
+        // download must still evict an unpinned entry, not the pinned space.
+        assert!(index.get(&a).is_some() && index.get(&b).is_some());
+        let _r = index.reserve(4096);
+        assert!(!index.contains(&a), "the least recent unpinned entry goes");
+        assert!(index.contains(&b));
+        assert_eq!(index.weighted_bytes(), 16 * 1024, "pinned bytes still held");
     }
 
     #[test]

@@ -61,6 +61,17 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024);
+    let tls = match (&state.config.tls, role) {
+        (Some(files), Role::Registry) => match crate::tls::server_config(files) {
+            Ok(cfg) => Some(tokio_rustls::TlsAcceptor::from(cfg)),
+            Err(error) => {
+                // Validated at config load; a file removed since then is fatal.
+                tracing::error!(%error, "cannot set up TLS; not serving");
+                return;
+            }
+        },
+        _ => None,
+    };
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -85,12 +96,41 @@ pub async fn run(
             let st = st.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(&st, role, req).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .into_owned(),
+                        )
+                        .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            watcher
+                                .watch(
+                                    builder
+                                        .serve_connection(TokioIo::new(tls_stream), svc)
+                                        .into_owned(),
+                                )
+                                .await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
             drop(permit);
@@ -121,6 +161,12 @@ pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Respons
             Error::NotFound("/metrics is served on the metrics listener".into()),
         ),
         (_, r) => r,
+    };
+    let parsed = match parsed {
+        Ok(r) if !matches!(r, Route::Livez | Route::Readyz) && !authorized(state, &req) => {
+            Err(Error::Unauthorized)
+        }
+        other => other,
     };
     let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
     let (target, resp) = match parsed {
@@ -175,6 +221,38 @@ async fn dispatch<B>(
             handlers::passthrough(state, &t, tail, req.headers(), head).await
         }
     }
+}
+
+/// Whether the request carries the configured client token (as a Bearer
+/// token, or as the password of Basic credentials, for clients such as
+/// skopeo `--creds`). Compared in constant time.
+fn authorized<B>(state: &AppState, req: &Request<B>) -> bool {
+    let Some(expected) = &state.config.client_token else {
+        return true;
+    };
+    let Some(h) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let presented = if let Some(t) = h.strip_prefix("Bearer ") {
+        t.trim().to_owned()
+    } else if let Some(b) = h.strip_prefix("Basic ") {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .unwrap_or_default();
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        raw.split_once(':')
+            .map(|(_, p)| p.to_owned())
+            .unwrap_or_default()
+    } else {
+        return false;
+    };
+    let (a, b) = (presented.as_bytes(), expected.0.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The access log line and request metrics.

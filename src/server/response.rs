@@ -71,6 +71,9 @@ pub fn error(err: &Error, head: bool) -> Response<Body> {
     if let Error::RangeInvalid(size) = err {
         resp = resp.header(header::CONTENT_RANGE, format!("bytes */{size}"));
     }
+    if status == StatusCode::UNAUTHORIZED {
+        resp = resp.header(header::WWW_AUTHENTICATE, "Basic realm=\"berth\"");
+    }
     if status == StatusCode::METHOD_NOT_ALLOWED {
         resp = resp.header(header::ALLOW, "GET, HEAD");
     }

@@ -77,7 +77,16 @@ impl Berth {
             }
             let mut child = ChildGuard::spawn("berth", cmd)?;
             let url = format!("http://127.0.0.1:{port}/v2/");
-            match child.wait_http(&url, &[200], START_TIMEOUT).await {
+            let ready = if args.contains(&"--tls-cert") {
+                // TLS listener: plain HTTP cannot probe it; wait for the port instead.
+                wait_tcp(&mut child, port).await
+            } else {
+                child
+                    .wait_http(&url, &[200], START_TIMEOUT)
+                    .await
+                    .map(|_| ())
+            };
+            match ready {
                 Ok(_) => {
                     return Ok(Berth {
                         child,
@@ -164,5 +173,25 @@ impl Berth {
     /// SIGKILL now (crash simulation); the cache dir is left as it was.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
         self.child.kill9()
+    }
+}
+
+/// Wait until something accepts TCP connections on `port` (or the child exits).
+async fn wait_tcp(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if !child.is_running() {
+            anyhow::bail!("berth exited:\n{}", child.log());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("berth did not listen on {port}:\n{}", child.log());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
