@@ -27,5 +27,7 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "==> deploy/ci-validate.sh (Helm chart, manifests, systemd unit, Dockerfile, scripts)"
+./deploy/ci-validate.sh
 echo "==> cargo test"
 cargo test --all-targets --locked

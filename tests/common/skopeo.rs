@@ -107,7 +107,7 @@ pub fn verify_oci_layout(dir: &Path) -> Result<usize> {
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).context("read index.json")?)
             .context("parse index.json")?;
-    if index["manifests"].as_array().map_or(true, |m| m.is_empty()) {
+    if index["manifests"].as_array().is_none_or(|m| m.is_empty()) {
         bail!("{}: index.json lists no manifests", dir.display());
     }
     let blobs = dir.join("blobs").join("sha256");
