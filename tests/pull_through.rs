@@ -302,7 +302,7 @@ async fn skopeo_inspects_and_copies_through_path_style_names() {
     skopeo::skopeo_copy_all(&src, layout.path()).await.unwrap();
     let n = skopeo::verify_oci_layout(layout.path()).unwrap();
     assert!(
-        n >= 1 + 2 * 4,
+        n > 2 * 4,
         "index, 2 manifests, 2 configs, 4 layers re-hashed: {n}"
     );
 

@@ -261,14 +261,37 @@ pub(crate) fn url_is_private(url: &Url) -> bool {
 /// Map a transport error without leaking the URL's query string.
 pub(crate) fn map_reqwest(e: reqwest::Error) -> Error {
     let what = e.url().map(redact).unwrap_or_default();
+    // The innermost cause says what really happened (refused, reset, a TLS
+    // certificate problem); it is an I/O or rustls message, never a secret.
+    let causes = || std::iter::successors(std::error::Error::source(&e), |s| s.source());
+    let root = causes()
+        .last()
+        .map(|c| format!(": {c}"))
+        .unwrap_or_default();
+    let closed = causes().any(|c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                use std::io::ErrorKind::*;
+                matches!(
+                    io.kind(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                )
+            })
+    });
     if e.is_timeout() {
         Error::UpstreamTimeout(Duration::ZERO)
     } else if e.is_connect() {
-        Error::UpstreamUnreachable(format!("cannot connect to {what}"))
+        Error::UpstreamUnreachable(format!("cannot connect to {what}{root}"))
+    } else if closed {
+        // A peer that accepts and drops connections is as dead as one that refuses them.
+        Error::UpstreamUnreachable(format!(
+            "connection to {what} closed before a complete response{root}"
+        ))
     } else if e.is_redirect() {
         Error::UpstreamFailed(format!("refused or too many redirects from {what}"))
     } else {
-        Error::UpstreamFailed(format!("{what}: {}", e.without_url()))
+        Error::UpstreamFailed(format!("{what}: {}{root}", e.without_url()))
     }
 }
 

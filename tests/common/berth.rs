@@ -48,6 +48,32 @@ impl Berth {
 
     /// Like [`Berth::start_with_dir`] but returns the error (with the log) instead of panicking.
     pub async fn try_start_with_dir(cache_dir: &Path, args: &[&str]) -> anyhow::Result<Berth> {
+        Self::try_start_with_env(cache_dir, args, &[]).await
+    }
+
+    /// Like [`Berth::start`] with extra environment variables for berth
+    /// only (tests never call `std::env::set_var`: other threads read the
+    /// environment concurrently).
+    pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Berth {
+        let tmp = tempfile::Builder::new()
+            .prefix("berth-cache-")
+            .tempdir()
+            .expect("berth cache tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut b = match Self::try_start_with_env(&dir, args, envs).await {
+            Ok(b) => b,
+            Err(e) => panic!("berth failed to start: {e:#}"),
+        };
+        b._tmp = Some(tmp);
+        b
+    }
+
+    /// The general form: cache dir, arguments, extra environment.
+    pub async fn try_start_with_env(
+        cache_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Berth> {
         std::fs::create_dir_all(cache_dir)?;
         let mut last = None;
         for _ in 0..3 {
@@ -74,6 +100,9 @@ impl Berth {
                 if k.to_string_lossy().starts_with("BERTH_") {
                     cmd.env_remove(k);
                 }
+            }
+            for (k, v) in envs {
+                cmd.env(k, v);
             }
             let mut child = ChildGuard::spawn("berth", cmd)?;
             let url = format!("http://127.0.0.1:{port}/v2/");

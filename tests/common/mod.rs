@@ -5,6 +5,7 @@
 pub mod berth;
 pub mod containerd;
 pub mod content;
+pub mod hub;
 pub mod origin;
 pub mod proxy;
 pub mod skopeo;

@@ -42,16 +42,26 @@ pub struct Record {
 #[derive(Clone, Debug, Default)]
 struct Knobs {
     fail_all: Option<u16>,
+    /// Extra headers on `fail_all` answers (e.g. `Retry-After`).
+    fail_headers: Vec<(String, String)>,
     delay: Duration,
     refuse: bool,
     cut_blob_after: Option<u64>,
+    /// Cut limits for the next blob GETs only, consumed one per blob GET.
+    cut_blob_once: Vec<u64>,
     corrupt_blob: bool,
+    /// Pace blob bodies to this many bytes per second (read live by every body).
+    body_rate: Option<u64>,
+    /// Stall blob bodies once they have forwarded this many bytes (read live).
+    hold_blob_after: Option<u64>,
 }
 
 struct Shared {
     upstream: String,
     records: Mutex<Vec<Arc<Mutex<Record>>>>,
     bytes: AtomicU64,
+    /// Connections closed and requests dropped unanswered while refusing.
+    refused: AtomicU64,
     knobs: Mutex<Knobs>,
     client: Client<HttpConnector, Incoming>,
 }
@@ -76,6 +86,7 @@ impl CountingProxy {
             upstream: upstream_url.trim_end_matches('/').to_string(),
             records: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             knobs: Mutex::new(Knobs::default()),
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
@@ -145,10 +156,28 @@ impl CountingProxy {
             .sum()
     }
 
-    /// Forgets all records and zeroes `bytes_served` (knobs are kept).
+    /// Forgets all records and zeroes `bytes_served` and
+    /// `refused_connections` (knobs are kept).
     pub fn reset(&self) {
         self.shared.records.lock().unwrap().clear();
         self.shared.bytes.store(0, Ordering::SeqCst);
+        self.shared.refused.store(0, Ordering::SeqCst);
+    }
+
+    /// While `set_refuse(true)`: connections closed right after accept plus
+    /// requests dropped unanswered on already open connections (refused
+    /// work is not in `requests()`).
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
+    /// Extra headers sent with every `set_fail_all` answer, e.g.
+    /// `[("Retry-After", "30")]` for a 429 (empty: none).
+    pub fn set_fail_headers(&self, headers: &[(&str, &str)]) {
+        self.shared.knobs.lock().unwrap().fail_headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     /// Answer every request with this status (and a registry-style JSON error) instead of forwarding.
@@ -171,9 +200,50 @@ impl CountingProxy {
         self.shared.knobs.lock().unwrap().cut_blob_after = n;
     }
 
+    /// Cut only the next successful blob GET after `n` bytes (later ones are
+    /// not cut by this knob). Calling it again queues one more cut.
+    pub fn cut_blob_after_once(&self, n: u64) {
+        self.shared.knobs.lock().unwrap().cut_blob_once.push(n);
+    }
+
     /// For blob GETs, flip (XOR 0xff) the first body byte.
     pub fn corrupt_blob(&self, on: bool) {
         self.shared.knobs.lock().unwrap().corrupt_blob = on;
+    }
+
+    /// Pace blob GET bodies to about `bytes_per_sec` (`None`: full speed).
+    /// Bodies already running follow changes at once, so a test can slow a
+    /// download down and then let it finish quickly.
+    pub fn set_body_rate(&self, bytes_per_sec: Option<u64>) {
+        self.shared.knobs.lock().unwrap().body_rate = bytes_per_sec.map(|r| r.max(1));
+    }
+
+    /// Stall every blob GET body once it has forwarded `n` bytes, until the
+    /// knob is cleared (`None`) or raised; running bodies follow changes at
+    /// once. Makes "download still in progress" deterministic.
+    pub fn hold_blob_after(&self, n: Option<u64>) {
+        self.shared.knobs.lock().unwrap().hold_blob_after = n;
+    }
+
+    /// Polls until some blob GET has forwarded at least `n` body bytes
+    /// (panics after `timeout`); returns that record.
+    pub async fn wait_blob_bytes(&self, n: u64, timeout: Duration) -> Record {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(r) = self
+                .requests()
+                .into_iter()
+                .find(|r| r.method == "GET" && r.path.contains("/blobs/sha256:") && r.bytes >= n)
+            {
+                return r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no blob GET forwarded {n} bytes within {timeout:?}: {:?}",
+                self.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -196,6 +266,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         while conns.try_join_next().is_some() {}
         if shared.knobs.lock().unwrap().refuse {
+            shared.refused.fetch_add(1, Ordering::SeqCst);
             drop(stream);
             continue;
         }
@@ -270,6 +341,7 @@ async fn handle(
     let knobs = shared.knobs.lock().unwrap().clone();
     if knobs.refuse {
         // An error from the service makes hyper close the connection unanswered.
+        shared.refused.fetch_add(1, Ordering::SeqCst);
         return Err("CountingProxy: refusing".into());
     }
     let method = req.method().clone();
@@ -290,7 +362,16 @@ async fn handle(
         let mut r = record.lock().unwrap();
         r.status = status;
         r.completed = true;
-        return Ok(error_response(status, "injected by CountingProxy"));
+        let mut resp = error_response(status, "injected by CountingProxy");
+        for (k, v) in &knobs.fail_headers {
+            if let (Ok(k), Ok(v)) = (
+                http::header::HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+        return Ok(resp);
     }
     if !knobs.delay.is_zero() {
         tokio::time::sleep(knobs.delay).await;
@@ -329,16 +410,28 @@ async fn handle(
         r.status = status;
         r.completed = body.is_end_stream();
     }
+    let cut_once = if is_blob_get {
+        let mut k = shared.knobs.lock().unwrap();
+        (!k.cut_blob_once.is_empty()).then(|| k.cut_blob_once.remove(0))
+    } else {
+        None
+    };
     let counting = CountingBody {
         inner: body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
         record,
         shared,
         cut_after: if is_blob_get {
-            knobs.cut_blob_after
+            match (knobs.cut_blob_after, cut_once) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         } else {
             None
         },
         corrupt: is_blob_get && knobs.corrupt_blob,
+        paced: is_blob_get,
+        pending: Bytes::new(),
+        pace_wait: None,
         sent: 0,
         done: false,
         flush_wait: None,
@@ -346,13 +439,20 @@ async fn handle(
     Ok(Response::from_parts(parts, counting.boxed()))
 }
 
-/// Forwards the upstream body, counting bytes and applying cut/corrupt faults.
+/// Forwards the upstream body, counting bytes and applying cut/corrupt
+/// faults and (for blob GETs) the live rate and hold knobs.
 struct CountingBody {
     inner: ProxyBody,
     record: Arc<Mutex<Record>>,
     shared: Arc<Shared>,
     cut_after: Option<u64>,
     corrupt: bool,
+    /// Whether `body_rate` and `hold_blob_after` apply (successful blob GETs).
+    paced: bool,
+    /// Data taken from `inner` but not forwarded yet (paced bodies).
+    pending: Bytes,
+    /// Wait before forwarding more (pacing, or re-checking a hold).
+    pace_wait: Option<Pin<Box<tokio::time::Sleep>>>,
     sent: u64,
     done: bool,
     flush_wait: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -360,6 +460,10 @@ struct CountingBody {
 
 /// Pause between the last forwarded chunk of a cut body and the abort.
 const CUT_FLUSH_WAIT: Duration = Duration::from_millis(100);
+/// How often a held body re-reads the hold knob.
+const HOLD_RECHECK: Duration = Duration::from_millis(5);
+/// Pieces a paced body is split into per second of pacing.
+const PACE_STEPS_PER_SEC: u64 = 50;
 
 impl CountingBody {
     fn account(&mut self, n: u64) {
@@ -378,69 +482,105 @@ impl Body for CountingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.done {
-            // Give hyper a moment to flush what was already forwarded, then
-            // fail the body so the connection is aborted mid-response.
-            let flush = this
-                .flush_wait
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(CUT_FLUSH_WAIT)));
-            if flush.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+        loop {
+            if this.done {
+                // Give hyper a moment to flush what was already forwarded, then
+                // fail the body so the connection is aborted mid-response.
+                let flush = this
+                    .flush_wait
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(CUT_FLUSH_WAIT)));
+                if flush.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Some(Err("CountingProxy: blob body cut".into())));
             }
-            return Poll::Ready(Some(Err("CountingProxy: blob body cut".into())));
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                this.record.lock().unwrap().completed = true;
-                Poll::Ready(None)
+            if let Some(wait) = this.pace_wait.as_mut() {
+                if wait.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.pace_wait = None;
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(Some(Ok(frame))) => {
-                let frame = match frame.into_data() {
-                    Ok(mut data) => {
-                        if let Some(limit) = this.cut_after {
-                            let room = limit.saturating_sub(this.sent);
-                            if data.len() as u64 > room {
-                                // Forward what fits, then fail the body: hyper
-                                // aborts the connection mid-response.
-                                this.done = true;
-                                if room == 0 {
-                                    // Nothing of this frame fits: go through
-                                    // the flush-then-abort path above.
-                                    cx.waker().wake_by_ref();
-                                    return Poll::Pending;
-                                }
-                                data.truncate(room as usize);
-                            }
-                        }
-                        if this.corrupt && this.sent == 0 && !data.is_empty() {
-                            let mut b = BytesMut::from(&data[..]);
-                            b[0] ^= 0xff;
-                            data = b.freeze();
-                        }
-                        this.account(data.len() as u64);
-                        if this.inner.is_end_stream() {
-                            this.record.lock().unwrap().completed = true;
-                        }
-                        Frame::data(data)
+            if this.pending.is_empty() {
+                match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => {
+                        this.record.lock().unwrap().completed = true;
+                        return Poll::Ready(None);
                     }
-                    Err(frame) => frame,
-                };
-                Poll::Ready(Some(Ok(frame)))
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => continue,
+                        Ok(data) => this.pending = data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                }
             }
+            let mut take = this.pending.len();
+            if this.paced {
+                let (rate, hold) = {
+                    let k = this.shared.knobs.lock().unwrap();
+                    (k.body_rate, k.hold_blob_after)
+                };
+                if let Some(h) = hold {
+                    if this.sent >= h {
+                        this.pace_wait = Some(Box::pin(tokio::time::sleep(HOLD_RECHECK)));
+                        continue;
+                    }
+                    take = take.min((h - this.sent) as usize);
+                }
+                if let Some(rate) = rate {
+                    let step = (rate / PACE_STEPS_PER_SEC).max(1);
+                    take = take.min(step as usize);
+                    let pause = Duration::from_secs_f64(take as f64 / rate as f64);
+                    this.pace_wait = Some(Box::pin(tokio::time::sleep(pause)));
+                }
+            }
+            let mut data = this.pending.split_to(take);
+            if let Some(limit) = this.cut_after {
+                let room = limit.saturating_sub(this.sent);
+                if data.len() as u64 > room {
+                    // Forward what fits, then fail the body: hyper aborts the
+                    // connection mid-response.
+                    this.done = true;
+                    this.pending = Bytes::new();
+                    if room == 0 {
+                        // Nothing of this frame fits: go through the
+                        // flush-then-abort path above.
+                        continue;
+                    }
+                    data.truncate(room as usize);
+                }
+            }
+            if this.corrupt && this.sent == 0 && !data.is_empty() {
+                let mut b = BytesMut::from(&data[..]);
+                b[0] ^= 0xff;
+                data = b.freeze();
+            }
+            this.account(data.len() as u64);
+            if this.pending.is_empty() && this.inner.is_end_stream() && !this.done {
+                this.record.lock().unwrap().completed = true;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        !self.done && self.inner.is_end_stream()
+        !self.done && self.pending.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         if self.cut_after.is_some() {
             SizeHint::default()
         } else {
-            self.inner.size_hint()
+            // What is still inside `inner`, plus what was taken out but not forwarded.
+            let inner = self.inner.size_hint();
+            let extra = self.pending.len() as u64;
+            let mut h = SizeHint::new();
+            h.set_lower(inner.lower() + extra);
+            if let Some(u) = inner.upper() {
+                h.set_upper(u + extra);
+            }
+            h
         }
     }
 }
