@@ -47,6 +47,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     /// Evictions since start.
     pub evictions: IntCounter,
+    /// 1 while the cache filesystem is full (misses pass through uncached).
+    pub cache_full: IntGauge,
     /// Free bytes on the cache filesystem.
     pub fs_free: IntGauge,
     /// Size of the cache filesystem.
@@ -162,6 +164,10 @@ impl Metrics {
                     "Cache entries evicted to stay within capacity.",
                 )?,
             )?,
+            cache_full: gauge(
+                "berth_cache_full",
+                "1 while the cache filesystem is full and misses are served without caching.",
+            )?,
             fs_free: gauge(
                 "berth_cache_filesystem_free_bytes",
                 "Bytes available to berth on the cache filesystem.",
@@ -215,6 +221,7 @@ impl Metrics {
             (&self.cache_capacity, "gauge"),
             (&self.cache_entries, "gauge"),
             (&self.evictions, "counter"),
+            (&self.cache_full, "gauge"),
             (&self.fs_free, "gauge"),
             (&self.fs_size, "gauge"),
             (&self.stale_served, "counter"),

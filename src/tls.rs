@@ -57,7 +57,10 @@ fn load_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(CertifiedKey::new(certs, signing)))
 }
 
-fn mtimes(files: &TlsFiles) -> (Option<SystemTime>, Option<SystemTime>) {
+/// Modification times of the certificate and key files.
+type Stamps = (Option<SystemTime>, Option<SystemTime>);
+
+fn mtimes(files: &TlsFiles) -> Stamps {
     let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     (m(&files.cert), m(&files.key))
 }
@@ -65,11 +68,8 @@ fn mtimes(files: &TlsFiles) -> (Option<SystemTime>, Option<SystemTime>) {
 /// Resolves the certificate, reloading it when the files change.
 struct Reloading {
     files: TlsFiles,
-    state: Mutex<(
-        Arc<CertifiedKey>,
-        (Option<SystemTime>, Option<SystemTime>),
-        Instant,
-    )>,
+    /// The key in service, the files' stamps it came from, the last check.
+    state: Mutex<(Arc<CertifiedKey>, Stamps, Instant)>,
 }
 
 impl fmt::Debug for Reloading {

@@ -212,15 +212,8 @@ pub enum Joined {
     Leader(Arc<Flight>),
     /// It was already running.
     Follower(Arc<Flight>),
-}
-
-impl Joined {
-    /// The flight, whichever role.
-    pub fn flight(&self) -> &Arc<Flight> {
-        match self {
-            Joined::Leader(f) | Joined::Follower(f) => f,
-        }
-    }
+    /// It finished and was published just before: read the cache.
+    Published,
 }
 
 impl Flights {
@@ -231,11 +224,26 @@ impl Flights {
         publish: Publish,
         opener: impl FnOnce() -> Opener,
     ) -> Result<Joined, Error> {
+        if let Some(f) = self.get(digest) {
+            return Ok(Joined::Follower(f));
+        }
+        // Create the temporary file before taking the lock: no I/O under it.
+        let (file, tmp) = publish.store.create_tmp().inspect_err(|e| {
+            publish.store.note_write_error(e);
+        })?;
         let mut map = self.map.lock().expect("flights lock");
         if let Some(f) = map.get(digest) {
-            return Ok(Joined::Follower(f.clone()));
+            let f = f.clone();
+            drop(map);
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(Joined::Follower(f));
         }
-        let (file, tmp) = publish.store.create_tmp()?;
+        if publish.index.contains(digest) {
+            // Published between the caller's cache lookup and now.
+            drop(map);
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(Joined::Published);
+        }
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(State::Connecting);
         let flight = Arc::new(Flight {
@@ -259,6 +267,9 @@ impl Flights {
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
+                    if let Error::Io(io) = &e {
+                        publish.store.note_write_error(io);
+                    }
                     if let Error::DigestMismatch { .. } = e {
                         tracing::warn!(%digest, error = %e, detail = ?e.detail(), "upstream blob failed verification; not cached");
                     } else {
@@ -302,7 +313,9 @@ async fn run(
         let (file, state, expected) = (file.clone(), state.clone(), digest.clone());
         tokio::task::spawn_blocking(move || write_loop(rx, &file, &state, &expected))
     };
-    let pumped = pump(&mut opener, &tx, publish).await;
+    // Space for the download stays reserved until it is published.
+    let mut reservation = None;
+    let pumped = pump(&mut opener, &tx, publish, &mut reservation).await;
     let _ = match &pumped {
         Ok(()) => tx.send(Msg::Finish).await,
         Err(_) => Ok(()),
@@ -311,21 +324,34 @@ async fn run(
     let written = writer
         .await
         .map_err(|e| Error::Internal(format!("writer task: {e}")))?;
-    pumped?;
-    let size = written?;
+    // A local write failure (disk full) is the real cause even if the pump
+    // then saw the writer go away.
+    let size = match (pumped, written) {
+        (_, Err(e @ Error::Io(_))) => return Err(e),
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+        (Ok(()), Ok(size)) => size,
+    };
     let (store, tmp_owned, d) = (publish.store.clone(), PathBuf::from(tmp), digest.clone());
     let ino = tokio::task::spawn_blocking(move || store.publish(&tmp_owned, &d))
         .await
         .map_err(|e| Error::Internal(format!("publish task: {e}")))??;
+    // Swap the reservation for the published entry (the file is already in
+    // blobs/, so the disk never held more than was accounted).
+    drop(reservation);
     publish.index.insert(digest.clone(), size, ino);
     Ok(size)
 }
 
 /// Move upstream bytes into the writer, resuming broken bodies.
-async fn pump(opener: &mut Opener, tx: &mpsc::Sender<Msg>, publish: &Publish) -> Result<(), Error> {
+async fn pump(
+    opener: &mut Opener,
+    tx: &mpsc::Sender<Msg>,
+    publish: &Publish,
+    reservation: &mut Option<super::index::Reservation>,
+) -> Result<(), Error> {
     let mut body = opener(0).await?;
     let size = body.size;
-    let _reservation = size.map(|s| publish.index.reserve(s));
+    *reservation = size.map(|s| publish.index.reserve(s));
     if let Some(s) = size {
         tx.send(Msg::Size(s)).await.map_err(|_| writer_gone())?;
     }

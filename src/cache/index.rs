@@ -70,7 +70,8 @@ pub struct Index {
     pinned: ArcSwap<HashMap<Digest, Arc<Entry>>>,
     /// Space held for the pinned bytes.
     pinned_space: Mutex<Option<Reservation>>,
-    /// Serialises pin-set updates (never held across I/O).
+    /// Serialises pin-set updates. Held while entries move between the LRU
+    /// and the pinned map; making room can evict, and eviction unlinks files.
     pin_update: Mutex<()>,
 }
 

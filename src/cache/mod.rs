@@ -211,8 +211,16 @@ impl Cache {
         Ok(Some(m))
     }
 
-    /// Store verified manifest bytes under their digest.
+    /// Store verified manifest bytes under their digest. Out of space is
+    /// not an error: the manifest is served without being cached.
     pub fn put_manifest(&self, m: &Manifest) -> Result<()> {
+        match self.store_manifest(m) {
+            Err(Error::Io(e)) if self.store.note_write_error(&e) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn store_manifest(&self, m: &Manifest) -> Result<()> {
         if Digest::of(&m.bytes) != m.digest {
             return Err(Error::Internal("put_manifest with a wrong digest".into()));
         }
@@ -243,6 +251,19 @@ impl Cache {
 
     /// Replace a tag record (memory and disk, crash-safe).
     pub fn put_tag(
+        &self,
+        registry: &RegistryHost,
+        repo: &Repository,
+        tag: &Tag,
+        rec: TagRecord,
+    ) -> Result<()> {
+        match self.store_tag(registry, repo, tag, rec) {
+            Err(Error::Io(e)) if self.store.note_write_error(&e) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn store_tag(
         &self,
         registry: &RegistryHost,
         repo: &Repository,

@@ -13,7 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::registry::{Digest, RegistryHost, Repository, Tag};
@@ -23,7 +23,17 @@ use crate::registry::{Digest, RegistryHost, Repository, Tag};
 pub struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    /// Set when a write ran out of space; cleared once space is back.
+    full: AtomicBool,
+    /// Unix millis of the last free-space check while full.
+    full_checked: AtomicU64,
 }
+
+/// While the filesystem is full, free space is checked at most this often.
+const FULL_RECHECK_MS: u64 = 2000;
+
+/// A tag record found on disk: (registry, repository, tag, record bytes).
+pub type TagFile = (RegistryHost, Repository, Tag, Vec<u8>);
 
 /// A published blob found by [`Store::scan`].
 #[derive(Debug, Clone)]
@@ -49,9 +59,71 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            full_checked: AtomicU64::new(0),
         };
         store.clean_tmp()?;
         Ok(store)
+    }
+
+    /// Open an existing cache directory without changing anything (nothing
+    /// created, `tmp/` left alone), for read-only commands (`berth ls`,
+    /// `berth export`) that may run beside a live daemon.
+    pub fn open_existing(root: &Path) -> io::Result<Store> {
+        if !root.join("blobs/sha256").is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "not a berth cache directory (no blobs/sha256)",
+            ));
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+            tmp_seq: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            full_checked: AtomicU64::new(0),
+        })
+    }
+
+    /// Record a failed write: out of space switches the cache to pass-through
+    /// (misses are served without caching) until space returns.
+    pub fn note_write_error(&self, e: &io::Error) -> bool {
+        let full = is_out_of_space(e);
+        if full && !self.full.swap(true, Ordering::Relaxed) {
+            self.full_checked.store(now_ms(), Ordering::Relaxed);
+            tracing::warn!(dir = %self.root.display(), "cache filesystem is full: serving misses without caching until space returns");
+        }
+        full
+    }
+
+    /// Whether the cache is in pass-through mode. While full, free space is
+    /// re-checked every couple of seconds; the mode ends by itself when at
+    /// least min(64 MiB, 10% of the filesystem) is free again.
+    pub fn is_full(&self) -> bool {
+        if !self.full.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = now_ms();
+        let last = self.full_checked.load(Ordering::Relaxed);
+        if now < last + FULL_RECHECK_MS
+            || self
+                .full_checked
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return true;
+        }
+        let (Ok(free), Ok(total)) = (
+            fs4::available_space(&self.root),
+            fs4::total_space(&self.root),
+        ) else {
+            return true;
+        };
+        if free >= (64 << 20).min(total / 10) {
+            self.full.store(false, Ordering::Relaxed);
+            tracing::info!(dir = %self.root.display(), free, "cache filesystem has space again: caching resumes");
+            return false;
+        }
+        true
     }
 
     /// The cache root.
@@ -181,7 +253,7 @@ impl Store {
 
     /// Every tag record on disk: (registry, repository, tag, record bytes).
     /// Entries whose path does not parse are skipped.
-    pub fn tag_records(&self) -> io::Result<Vec<(RegistryHost, Repository, Tag, Vec<u8>)>> {
+    pub fn tag_records(&self) -> io::Result<Vec<TagFile>> {
         let root = self.root.join("tags");
         let mut out = Vec::new();
         let mut stack = vec![root.clone()];
@@ -326,6 +398,21 @@ pub fn lock(dir: &Path) -> Result<File, LockError> {
         Err(fs::TryLockError::WouldBlock) => Err(LockError::Busy(dir.to_path_buf())),
         Err(fs::TryLockError::Error(e)) => Err(LockError::Io(dir.to_path_buf(), e)),
     }
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {

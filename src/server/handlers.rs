@@ -15,7 +15,9 @@ use http_body_util::{BodyExt, StreamBody};
 use super::range::{parse_range, ByteRange};
 use super::response::{self, value, Body, CacheResult};
 use super::route::Target;
+use super::uncached;
 use crate::cache::flight::{Joined, Opener};
+use crate::cache::store::is_out_of_space;
 use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
 use crate::metrics::GaugeGuard;
@@ -27,7 +29,7 @@ const API_VERSION: &str = "Docker-Distribution-API-Version";
 /// Largest pass-through body (tag lists, referrer indexes) berth relays.
 const MAX_PASSTHROUGH: usize = 16 << 20;
 
-fn with_result(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {
+pub(super) fn with_result(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {
     resp.extensions_mut().insert(result);
     resp
 }
@@ -263,7 +265,12 @@ async fn fetch_manifest(
     res.map(|m| (m, joined))
 }
 
-fn blob_headers(t: &Target, d: &Digest, status: StatusCode, len: u64) -> http::response::Builder {
+pub(super) fn blob_headers(
+    t: &Target,
+    d: &Digest,
+    status: StatusCode,
+    len: u64,
+) -> http::response::Builder {
     let digest = d.to_string();
     builder(status, Some(t))
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -273,7 +280,7 @@ fn blob_headers(t: &Target, d: &Digest, status: StatusCode, len: u64) -> http::r
         .header(header::ETAG, value(&format!("\"{digest}\"")))
 }
 
-fn ranged(
+pub(super) fn ranged(
     t: &Target,
     d: &Digest,
     range: Option<ByteRange>,
@@ -291,6 +298,26 @@ fn ranged(
     }
 }
 
+/// A cache hit: a slice of the mapped file, no copy.
+fn serve_hit(
+    state: &AppState,
+    t: &Target,
+    d: &Digest,
+    range_header: Option<&http::HeaderValue>,
+    head: bool,
+) -> Result<Option<Response<Body>>> {
+    let Some(bytes) = state.cache.blob(d)? else { return Ok(None) };
+    let size = bytes.len() as u64;
+    let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
+    let body = if head {
+        response::empty()
+    } else {
+        state.metrics.served_bytes.with_label_values(&["cache"]).inc_by(end - start);
+        response::full(bytes.slice(start as usize..end as usize))
+    };
+    Ok(Some(with_result(b.body(body).expect("blob response"), CacheResult::Hit)))
+}
+
 /// `GET|HEAD /v2/<name>/blobs/<digest>`
 pub async fn blob(
     state: &AppState,
@@ -300,24 +327,8 @@ pub async fn blob(
     head: bool,
 ) -> Result<Response<Body>> {
     let range_header = headers.get(header::RANGE);
-    if let Some(bytes) = state.cache.blob(d)? {
-        let size = bytes.len() as u64;
-        let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
-        let body = if head {
-            response::empty()
-        } else {
-            state
-                .metrics
-                .served_bytes
-                .with_label_values(&["cache"])
-                .inc_by(end - start);
-            // A slice of the mapping: no copy.
-            response::full(bytes.slice(start as usize..end as usize))
-        };
-        return Ok(with_result(
-            b.body(body).expect("blob response"),
-            CacheResult::Hit,
-        ));
+    if let Some(resp) = serve_hit(state, t, d, range_header, head)? {
+        return Ok(resp);
     }
     let upstream = upstream_for(state, t)?;
     if head {
@@ -331,25 +342,42 @@ pub async fn blob(
             CacheResult::Pass,
         ));
     }
-    let (repo, digest) = (t.repo.clone(), d.clone());
+    if state.cache.store.is_full() {
+        return uncached::blob(state, &upstream, t, d, range_header).await;
+    }
+    let (repo, digest, u) = (t.repo.clone(), d.clone(), upstream.clone());
     let joined = state
         .cache
         .flights
         .join(d, state.cache.publisher(), move || -> Opener {
             Box::new(move |offset| {
-                let (u, repo, digest) = (upstream.clone(), repo.clone(), digest.clone());
+                let (u, repo, digest) = (u.clone(), repo.clone(), digest.clone());
                 Box::pin(async move { u.open_blob(&repo, &digest, offset).await })
             })
-        })?;
-    let result = match joined {
-        Joined::Leader(_) => CacheResult::Miss,
-        Joined::Follower(_) => CacheResult::Coalesced,
+        });
+    let joined = match joined {
+        Err(Error::Io(e)) if is_out_of_space(&e) => {
+            return uncached::blob(state, &upstream, t, d, range_header).await
+        }
+        other => other?,
     };
-    let flight = joined.flight().clone();
+    let (result, flight) = match joined {
+        Joined::Leader(f) => (CacheResult::Miss, f),
+        Joined::Follower(f) => (CacheResult::Coalesced, f),
+        Joined::Published => {
+            return serve_hit(state, t, d, range_header, head)?
+                .ok_or_else(|| Error::Internal("published blob vanished".into()));
+        }
+    };
     if matches!(result, CacheResult::Miss) {
         watch_flight(state, flight.clone());
     }
-    let size = flight.size().await?;
+    let size = match flight.size().await {
+        Err(Error::Io(e)) if is_out_of_space(&e) => {
+            return uncached::blob(state, &upstream, t, d, range_header).await
+        }
+        other => other?,
+    };
     let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
     state
         .metrics
@@ -362,7 +390,7 @@ pub async fn blob(
         let _counted_while_streaming = &follower;
         Frame::data(b)
     });
-    let body = BodyExt::boxed(StreamBody::new(stream));
+    let body = BodyExt::boxed_unsync(StreamBody::new(stream));
     Ok(with_result(b.body(body).expect("blob response"), result))
 }
 
@@ -494,6 +522,7 @@ fn refresh_gauges(state: &AppState) {
     m.cache_bytes.set(idx.weighted_bytes() as i64);
     m.cache_capacity.set(idx.capacity() as i64);
     m.cache_entries.set(idx.len() as i64);
+    m.cache_full.set(i64::from(state.cache.store.is_full()));
     let dir = state.cache.store.root();
     if let (Ok(free), Ok(size)) = (fs4::available_space(dir), fs4::total_space(dir)) {
         m.fs_free.set(free as i64);

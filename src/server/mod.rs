@@ -6,6 +6,7 @@ pub mod handlers;
 pub mod range;
 pub mod response;
 pub mod route;
+pub mod uncached;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -166,6 +167,7 @@ pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Respons
         Ok(r) if !matches!(r, Route::Livez | Route::Readyz) && !authorized(state, &req) => {
             Err(Error::Unauthorized)
         }
+        Ok(r) => private_guard(state, &req, r),
         other => other,
     };
     let label = parsed.as_ref().map(Route::label).unwrap_or("invalid");
@@ -221,6 +223,33 @@ async fn dispatch<B>(
             handlers::passthrough(state, &t, tail, req.headers(), head).await
         }
     }
+}
+
+/// Private registries (PROTOCOL.md's "Clients SHOULD NOT send upstream
+/// credentials to a proxy"): berth holds the credentials, so whoever can
+/// reach berth could read what they unlocked. The model: containerd on this
+/// node selects the registry with `?ns=` and is trusted like the node's own
+/// runtime; any other access (path-style or default-registry names, used by
+/// skopeo/docker and by anything else that can reach the port) needs the
+/// client token. Every access to private content is logged.
+fn private_guard<B>(state: &AppState, req: &Request<B>, r: Route) -> Result<Route, Error> {
+    let t = match &r {
+        Route::Manifest(t, _) | Route::Blob(t, _) | Route::Tags(t) | Route::Referrers(t, _) => t,
+        _ => return Ok(r),
+    };
+    if !state.upstreams.get(&t.registry).is_some_and(|u| u.private) {
+        return Ok(r);
+    }
+    let token_presented = state.config.client_token.is_some() && authorized(state, req);
+    if t.ns.is_none() && !token_presented {
+        tracing::warn!(target: "berth::private", registry = %t.registry, repo = %t.repo, "refused path-style access to a private registry");
+        return Err(Error::RegistryUnknown(format!(
+            "{} is private: select it with ?ns= (containerd) or authenticate with the client token",
+            t.registry
+        )));
+    }
+    tracing::info!(target: "berth::private", registry = %t.registry, repo = %t.repo, path = req.uri().path(), ns = t.ns.as_deref().unwrap_or("-"), "private content accessed");
+    Ok(r)
 }
 
 /// Whether the request carries the configured client token (as a Bearer

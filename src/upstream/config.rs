@@ -48,6 +48,7 @@ pub struct FileEndpoint {
     read_timeout: Option<Duration>,
     bandwidth: Option<String>,
     hub: Option<bool>,
+    private_redirects: Option<bool>,
 }
 
 /// One `[registries."<host>"]` table.
@@ -60,6 +61,8 @@ pub struct FileRegistry {
     origin_fallback: Option<bool>,
     /// Serve a cached tag even when upstream says it no longer exists.
     serve_stale_on_not_found: bool,
+    /// Cached content of this registry is private (see [`RegistryConfig::private`]).
+    private: bool,
     #[serde(flatten)]
     origin: FileEndpoint,
 }
@@ -87,7 +90,11 @@ pub struct EndpointConfig {
     /// A hub (Harbor proxy project): blob HEADs are sent as ranged GETs,
     /// since a hub answers 404 to HEAD on blobs it has not cached yet.
     pub hub: bool,
+    /// Follow redirects into loopback, link-local or private addresses.
+    /// Default: only when the endpoint itself is at such an address.
+    pub private_redirects: Option<bool>,
 }
+
 
 /// A mirrored registry, validated.
 #[derive(Debug, Clone)]
@@ -98,6 +105,10 @@ pub struct RegistryConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Serve a cached tag even when upstream answers that it is gone.
     pub serve_stale_on_not_found: bool,
+    /// Content is private: only clients that select the registry with
+    /// `?ns=` (containerd on this node) or present the client token may
+    /// read it; path-style names are refused otherwise; every access is logged.
+    pub private: bool,
 }
 
 impl RegistryConfig {
@@ -192,6 +203,7 @@ pub fn build(
                 host,
                 endpoints,
                 serve_stale_on_not_found: reg.serve_stale_on_not_found,
+                private: reg.private,
             },
         );
     }
@@ -223,8 +235,10 @@ fn plain(host: RegistryHost, url: Url) -> RegistryConfig {
             read_timeout: None,
             bandwidth: None,
             hub,
+            private_redirects: None,
         }],
         serve_stale_on_not_found: false,
+        private: false,
     }
 }
 
@@ -330,6 +344,7 @@ fn endpoint(
         read_timeout: ep.read_timeout,
         bandwidth,
         hub,
+        private_redirects: ep.private_redirects,
     })
 }
 

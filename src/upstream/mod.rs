@@ -75,6 +75,8 @@ pub struct Upstream {
     pub endpoints: Vec<Endpoint>,
     /// Serve a cached tag even when upstream answers it is gone.
     pub serve_stale_on_not_found: bool,
+    /// Cached content is private (see `RegistryConfig::private`).
+    pub private: bool,
 }
 
 /// Whether an error from one endpoint should send the request to the next,
@@ -104,6 +106,7 @@ impl Upstream {
             host: reg.host.clone(),
             endpoints,
             serve_stale_on_not_found: reg.serve_stale_on_not_found,
+            private: reg.private,
         })
     }
 
