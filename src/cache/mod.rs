@@ -91,7 +91,17 @@ pub struct Cache {
     tags: moka::sync::Cache<TagKey, TagRecord>,
     /// Images never evicted.
     pins: Rules,
+    /// Recently served mappings, reused so that hot blobs are not mapped
+    /// and page-faulted again on every request. An entry of an evicted
+    /// (unlinked) file still holds correct, immutable content; it is dropped
+    /// after [`MAPPING_IDLE`], which bounds how long its disk space lingers.
+    maps: moka::sync::Cache<Digest, (u64, Bytes)>,
 }
+
+/// Most mappings kept for reuse.
+const MAPPED_FILES: u64 = 512;
+/// A mapping unused this long is dropped (unmapped once no response holds it).
+const MAPPING_IDLE: Duration = Duration::from_secs(30);
 
 /// Every digest reachable from the tag records that match `rules`.
 pub fn pinned_digests(store: &Store, rules: &Rules) -> std::io::Result<HashSet<Digest>> {
@@ -165,6 +175,10 @@ impl Cache {
                 .weigher(|_, m: &Manifest| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
                 .build(),
             tags: moka::sync::Cache::new(100_000),
+            maps: moka::sync::Cache::builder()
+                .max_capacity(MAPPED_FILES)
+                .time_to_idle(MAPPING_IDLE)
+                .build(),
             pins,
         })
     }
@@ -174,6 +188,16 @@ impl Cache {
         let Some(entry) = self.index.get(d) else {
             return Ok(None);
         };
+        if let Some((ino, bytes)) = self.maps.get(d) {
+            if ino == entry.ino {
+                if entry.should_touch() {
+                    if let Ok(Some((file, _, _))) = self.store.open_published(d) {
+                        Store::touch(&file);
+                    }
+                }
+                return Ok(Some(bytes));
+            }
+        }
         let Some((file, size, ino)) = self.store.open_published(d)? else {
             // Removed behind our back (or by `berth gc`): a miss.
             self.index.forget(d);
@@ -185,7 +209,9 @@ impl Cache {
         if entry.should_touch() {
             Store::touch(&file);
         }
-        Ok(Some(mmap::map(&file, size)?))
+        let bytes = mmap::map(&file, size)?;
+        self.maps.insert(d.clone(), (ino, bytes.clone()));
+        Ok(Some(bytes))
     }
 
     /// A cached manifest by digest.
