@@ -38,6 +38,18 @@ pub enum Command {
     Containerd(ContainerdCommand),
     /// Print k3s/RKE2 `registries.yaml` mirror entries, or merge them into a file.
     K3s(K3sArgs),
+    /// List cached images: tag, digest, platforms, size, last use, pinned, complete.
+    Ls(LsArgs),
+    /// Re-hash every cached blob; move mismatches to `<cache>/quarantine/`.
+    Verify(VerifyArgs),
+    /// Remove unpinned content unused for longer than the retention period, now.
+    Gc(GcArgs),
+    /// Write cached images to an OCI image layout archive (skopeo `oci-archive:`).
+    Export(ExportArgs),
+    /// Seed the cache from an OCI image layout archive, verifying every digest.
+    Import(ImportArgs),
+    /// Fetch the images named by the prefetch rules and pins into the cache.
+    Prefetch(PrefetchArgs),
 }
 
 /// `berth check`: the same settings as `serve`, plus which registries to test.
@@ -148,6 +160,112 @@ pub struct K3sArgs {
     pub remove: bool,
 }
 
+/// Flags of `berth ls`.
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Show full digests in the table.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Cache directory and config, as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags of `berth verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Cache directory and config, as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags of `berth gc` (`--retention` comes from the `serve` flags).
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    /// Only list what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Cache directory, config and retention, as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// How `berth export` names images in `index.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum RefNames {
+    /// `org.opencontainers.image.ref.name` is the tag (`1.27`), as skopeo and containerd write it.
+    #[default]
+    Tag,
+    /// The full reference (`docker.io/library/nginx:1.27`), for bundles with one tag in several repositories.
+    Full,
+}
+
+/// Flags of `berth export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Images to export: `[registry/]repository:tag`, `...@sha256:...`.
+    #[arg(required = true)]
+    pub refs: Vec<String>,
+    /// The archive to write (`-` for stdout).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Only these platforms of multi-platform images (`os/arch[/variant]`); repeatable.
+    /// Default: every platform in the cache.
+    #[arg(long = "platform", conflicts_with = "all_platforms")]
+    pub platforms: Vec<String>,
+    /// Every platform of each index; a platform missing from the cache is an error.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// What `org.opencontainers.image.ref.name` holds.
+    #[arg(long, value_enum, default_value_t)]
+    pub ref_names: RefNames,
+    /// Cache directory and config, as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags of `berth import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// An OCI image layout tar (`berth export`, `skopeo copy ... oci-archive:`).
+    pub archive: PathBuf,
+    /// Registry of ref names without one (`library/nginx:1.27`); default: the default registry.
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Repository for ref names that are a bare tag (`1.27`, as `oci-archive:x.tar:1.27` writes).
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// Cache directory and config, as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags of `berth prefetch` (rules come from `--prefetch`, `--pin` and the config file).
+#[derive(Debug, Clone, Args)]
+pub struct PrefetchArgs {
+    /// Only these platforms (`os/arch[/variant]`); repeatable. Default: `[prefetch] platforms`, else all.
+    #[arg(long = "platform", conflicts_with = "all_platforms")]
+    pub platforms: Vec<String>,
+    /// Every platform.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Downloads at once (default: `[prefetch] concurrency`, 4).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Bytes per second for all prefetch downloads together (`20MiB`); default: `[prefetch] bandwidth`.
+    #[arg(long)]
+    pub bandwidth: Option<String>,
+    /// Entries asked for per `tags/list` and `_catalog` page.
+    #[arg(long, default_value_t = 100)]
+    pub page_size: usize,
+    /// Cache directory, config and upstreams, as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
 /// containerd's usual hosts directory.
 pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
 /// containerd's usual config file.
@@ -221,6 +339,10 @@ pub struct ServeArgs {
     /// Upstream read timeout: a stalled upstream body fails after this long.
     #[arg(long, env = "BERTH_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     pub read_timeout: Option<Duration>,
+    /// Clients must send a request's headers within this time; slower (or
+    /// silent) connections are closed (slow-loris guard).
+    #[arg(long, env = "BERTH_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub header_timeout: Option<Duration>,
     /// Separate listener for /metrics, /livez and /readyz (e.g. the node IP).
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -243,6 +365,8 @@ pub struct FileConfig {
     connect_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     read_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    header_timeout: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     docker_config: Option<PathBuf>,
@@ -345,6 +469,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Upstream read (stall) timeout.
     pub read_timeout: Duration,
+    /// Client request-header read timeout (slow-loris guard).
+    pub header_timeout: Duration,
     /// Metrics/probe listener.
     pub metrics_listen: Option<SocketAddr>,
     /// Log format.
@@ -388,6 +514,8 @@ pub const DEFAULT_CAPACITY: Capacity = Capacity::Share(0.5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default read timeout.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default client header read timeout.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A config problem, phrased for a person.
 #[derive(Debug, thiserror::Error)]
@@ -507,6 +635,13 @@ impl Config {
                 Some(Secret(t))
             }
         };
+        let header_timeout = args
+            .header_timeout
+            .or(file.header_timeout)
+            .unwrap_or(DEFAULT_HEADER_TIMEOUT);
+        if header_timeout.is_zero() {
+            return Err(err("header timeout must be longer than 0s"));
+        }
         let mut pin_texts = file.pins;
         pin_texts.extend(args.pins.iter().cloned());
         let pins = crate::pins::Rules::parse(&pin_texts).map_err(|e| err(format!("pins: {e}")))?;
@@ -548,6 +683,7 @@ impl Config {
                 .read_timeout
                 .or(file.read_timeout)
                 .unwrap_or(DEFAULT_READ_TIMEOUT),
+            header_timeout,
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             registries,

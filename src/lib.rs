@@ -22,11 +22,15 @@
 //! - [`coalesce`]: one upstream call for many identical concurrent requests.
 //! - [`state`]: the shared [`state::AppState`].
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+//! - [`admin`]: offline and maintenance commands on a cache directory:
+//!   `berth ls`, `verify`, `gc`, `export`/`import` (OCI layout bundles for
+//!   air-gapped nodes) and `prefetch` (also run by the daemon on a schedule).
 //! - [`node`]: node integration: `berth containerd install|uninstall`
 //!   (hosts.toml per registry, config.toml check) and `berth k3s`
 //!   (registries.yaml entries).
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod cache;
 pub mod coalesce;
 pub mod config;
@@ -117,6 +121,7 @@ pub async fn serve(
             }
         });
     }
+    admin::prefetch::spawn_schedule(&state, wait(rx.clone()));
     let metrics = metrics_listener.map(|l| {
         let st = state.clone();
         let rx = rx.clone();

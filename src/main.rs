@@ -31,6 +31,12 @@ fn main() {
         Command::Check(args) => std::process::exit(check(&args)),
         Command::Containerd(cmd) => std::process::exit(berth::node::run_containerd(&cmd)),
         Command::K3s(args) => std::process::exit(berth::node::run_k3s(&args)),
+        Command::Ls(args) => std::process::exit(berth::admin::ls::run(&args)),
+        Command::Verify(args) => std::process::exit(berth::admin::verify::run(&args)),
+        Command::Gc(args) => std::process::exit(berth::admin::gc::run(&args)),
+        Command::Export(args) => std::process::exit(berth::admin::bundle::export(&args)),
+        Command::Import(args) => std::process::exit(berth::admin::bundle::import(&args)),
+        Command::Prefetch(args) => std::process::exit(berth::admin::prefetch::command(&args)),
     }
 }
 

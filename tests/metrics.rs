@@ -408,16 +408,28 @@ async fn json_access_log_has_one_line_per_request() {
     }
     let origin = Origin::start().await;
     let image = content::build_image(43, 1, 2048, MediaKind::Oci, "amd64");
-    content::push_image(&origin.url(), "library/logged", "1", &image).await.unwrap();
+    content::push_image(&origin.url(), "library/logged", "1", &image)
+        .await
+        .unwrap();
     let up = format!("docker.io={}", origin.url());
     let berth = Berth::start(&["--upstream", &up, "--log-format", "json"]).await;
     let via = RegistryClient::new(&berth.url());
-    via.get_blob("library/logged", &image.layers[0].digest).await.unwrap();
-    via.get_blob("library/logged", &image.layers[0].digest).await.unwrap();
-    let lines: Vec<serde_json::Value> = berth.log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    via.get_blob("library/logged", &image.layers[0].digest)
+        .await
+        .unwrap();
+    via.get_blob("library/logged", &image.layers[0].digest)
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = berth
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     assert!(!lines.is_empty(), "every log line is JSON: {}", berth.log());
-    let access: Vec<&serde_json::Value> =
-        lines.iter().filter(|l| l["target"] == "berth::access" && l["route"] == "blob").collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "berth::access" && l["route"] == "blob")
+        .collect();
     assert_eq!(access.len(), 2, "one access line per request");
     assert_eq!(access[0]["result"], "miss");
     assert_eq!(access[1]["result"], "hit");

@@ -306,16 +306,25 @@ fn serve_hit(
     range_header: Option<&http::HeaderValue>,
     head: bool,
 ) -> Result<Option<Response<Body>>> {
-    let Some(bytes) = state.cache.blob(d)? else { return Ok(None) };
+    let Some(bytes) = state.cache.blob(d)? else {
+        return Ok(None);
+    };
     let size = bytes.len() as u64;
     let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
     let body = if head {
         response::empty()
     } else {
-        state.metrics.served_bytes.with_label_values(&["cache"]).inc_by(end - start);
+        state
+            .metrics
+            .served_bytes
+            .with_label_values(&["cache"])
+            .inc_by(end - start);
         response::full(bytes.slice(start as usize..end as usize))
     };
-    Ok(Some(with_result(b.body(body).expect("blob response"), CacheResult::Hit)))
+    Ok(Some(with_result(
+        b.body(body).expect("blob response"),
+        CacheResult::Hit,
+    )))
 }
 
 /// `GET|HEAD /v2/<name>/blobs/<digest>`

@@ -2,6 +2,7 @@
 //! read timeout, connection limit, graceful shutdown), dispatch of parsed
 //! routes to handlers, and the access log and request metrics in one place.
 
+pub mod deadline;
 pub mod handlers;
 pub mod range;
 pub mod response;
@@ -22,13 +23,15 @@ use tokio::sync::Semaphore;
 
 use crate::error::{Error, Source};
 use crate::state::AppState;
+use deadline::FirstBytes;
 use response::{Body, CacheResult, ErrorNote};
 use route::{Registries, Route};
 
 /// Most connections served at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
-/// A client must send its request headers within this time (slow-loris guard).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// A client must send its request headers within this time (slow-loris
+/// guard); the default of `--header-timeout`.
+pub const HEADER_READ_TIMEOUT: Duration = crate::config::DEFAULT_HEADER_TIMEOUT;
 /// How long shutdown waits for in-flight responses.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -49,12 +52,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    let header_timeout = state.config.header_timeout;
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .max_buf_size(64 * 1024)
         // Queue body buffers (mapped files) instead of copying them into one write buffer.
         .writev(true);
@@ -104,18 +108,27 @@ pub async fn run(
                     watcher
                         .watch(
                             builder
-                                .serve_connection(TokioIo::new(stream), svc)
+                                .serve_connection(
+                                    TokioIo::new(FirstBytes::new(stream, header_timeout)),
+                                    svc,
+                                )
                                 .into_owned(),
                         )
                         .await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
                             watcher
                                 .watch(
                                     builder
-                                        .serve_connection(TokioIo::new(tls_stream), svc)
+                                        .serve_connection(
+                                            TokioIo::new(FirstBytes::new(
+                                                tls_stream,
+                                                header_timeout,
+                                            )),
+                                            svc,
+                                        )
                                         .into_owned(),
                                 )
                                 .await

@@ -95,7 +95,6 @@ pub struct EndpointConfig {
     pub private_redirects: Option<bool>,
 }
 
-
 /// A mirrored registry, validated.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {

@@ -57,7 +57,9 @@ impl Endpoint {
         config: &Config,
         metrics: Metrics,
     ) -> Result<Endpoint, ConfigError> {
-        let allow_private = ep.private_redirects.unwrap_or_else(|| url_is_private(&ep.url));
+        let allow_private = ep
+            .private_redirects
+            .unwrap_or_else(|| url_is_private(&ep.url));
         // Follow redirects (Docker Hub, registry.k8s.io send blobs to CDNs).
         // reqwest drops Authorization on a cross-host redirect. A redirect into
         // loopback, link-local (cloud metadata) or private ranges is refused
@@ -546,9 +548,16 @@ impl Endpoint {
             .and_then(|(_, total)| total);
         // Read the header: reqwest's content_length() is the body's size hint,
         // which is 0 for a HEAD response.
-        let header_len =
-            resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok());
-        let size = if resp.status() == StatusCode::PARTIAL_CONTENT { from_range } else { header_len };
+        let header_len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok());
+        let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            from_range
+        } else {
+            header_len
+        };
         // Dropping a GET response closes its connection: nothing more is downloaded.
         size.ok_or_else(|| Error::UpstreamFailed("blob size unknown (no Content-Length)".into()))
     }

@@ -110,10 +110,13 @@ impl Berth {
                 // TLS listener: plain HTTP cannot probe it; wait for the port instead.
                 wait_tcp(&mut child, port).await
             } else {
-                child
-                    .wait_http(&url, &[200], START_TIMEOUT)
-                    .await
-                    .map(|_| ())
+                // With a client token, 401 to an anonymous ping also means "up".
+                let up: &[u16] = if args.contains(&"--client-token-file") {
+                    &[200, 401]
+                } else {
+                    &[200]
+                };
+                child.wait_http(&url, up, START_TIMEOUT).await.map(|_| ())
             };
             match ready {
                 Ok(_) => {

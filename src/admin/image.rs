@@ -1,0 +1,339 @@
+//! Images in the cache: parsing the references people type
+//! (`nginx:1.27`, `docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:...`)
+//! and walking an image's manifests and blobs on disk, noting what is
+//! present, for `ls` and `export`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::cache::store::Store;
+use crate::registry::manifest::{children, Child};
+use crate::registry::media_type;
+use crate::registry::{Digest, RegistryHost, Repository, Tag};
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The registry (the default registry when none was named).
+    pub registry: RegistryHost,
+    /// The repository (`library/` added for single names on docker.io).
+    pub repo: Repository,
+    /// The tag, if named.
+    pub tag: Option<Tag>,
+    /// The digest, if named.
+    pub digest: Option<Digest>,
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repo)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ImageRef {
+    /// Parse `[registry/]repository[:tag][@digest]` the way docker does: the
+    /// first component is a registry when it has a dot or a port or is
+    /// `localhost`; single names on docker.io get `library/`.
+    pub fn parse(s: &str, default_registry: &RegistryHost) -> Result<ImageRef, String> {
+        let s = s.trim();
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (
+                r,
+                Some(d.parse::<Digest>().map_err(|e| format!("{s:?}: {e}"))?),
+            ),
+            None => (s, None),
+        };
+        let (registry, path) = match rest.split_once('/') {
+            Some((first, path)) if RegistryHost::looks_like_host(first) => (
+                first
+                    .parse::<RegistryHost>()
+                    .map_err(|_| format!("{s:?}: {first:?} is not a registry host"))?,
+                path,
+            ),
+            _ => (default_registry.clone(), rest),
+        };
+        let slash = path.rfind('/').map(|i| i + 1).unwrap_or(0);
+        let (repo, tag) = match path[slash..].rfind(':') {
+            Some(i) => (&path[..slash + i], Some(&path[slash + i + 1..])),
+            None => (path, None),
+        };
+        let repo = if registry.as_str() == "docker.io" && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo.to_owned()
+        };
+        let repo: Repository = repo
+            .parse()
+            .map_err(|_| format!("{s:?}: {repo:?} is not a repository name"))?;
+        let tag = tag
+            .map(|t| {
+                t.parse::<Tag>()
+                    .map_err(|_| format!("{s:?}: {t:?} is not a tag"))
+            })
+            .transpose()?;
+        if tag.is_none() && digest.is_none() {
+            return Err(format!(
+                "{s:?}: name a tag or a digest (e.g. {registry}/{repo}:latest)"
+            ));
+        }
+        Ok(ImageRef {
+            registry,
+            repo,
+            tag,
+            digest,
+        })
+    }
+}
+
+/// One platform's image under a root (or the root itself when it is a
+/// single manifest).
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    /// `os/arch[/variant]` from the index entry or the image config.
+    pub platform: Option<String>,
+    /// The image manifest's descriptor.
+    pub manifest: Child,
+    /// Whether the manifest is in the cache.
+    pub present: bool,
+    /// Config and layers (empty when the manifest is missing).
+    pub blobs: Vec<Child>,
+    /// Those of `blobs` not in the cache.
+    pub missing: Vec<Digest>,
+}
+
+impl PlatformImage {
+    /// Manifest and every blob present.
+    pub fn complete(&self) -> bool {
+        self.present && self.missing.is_empty()
+    }
+}
+
+/// An image as found in the cache.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    /// The root manifest (index or image manifest) descriptor.
+    pub root: Child,
+    /// Whether the root manifest is in the cache.
+    pub present: bool,
+    /// Whether the root is an index.
+    pub is_index: bool,
+    /// The image manifests under it.
+    pub images: Vec<PlatformImage>,
+    /// Nested indexes between the root and the images (rare).
+    pub nested: Vec<Child>,
+}
+
+/// How complete a cached image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Completeness {
+    /// Every platform with all its blobs.
+    Yes,
+    /// Some platforms complete, others missing.
+    Partial,
+    /// Nothing pullable.
+    No,
+}
+
+impl Tree {
+    /// Every digest of the tree that is in the cache (manifests and blobs).
+    pub fn present_digests(&self, store: &Store) -> Vec<Digest> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        let all = std::iter::once(&self.root)
+            .chain(self.nested.iter())
+            .chain(self.images.iter().map(|i| &i.manifest))
+            .chain(self.images.iter().flat_map(|i| i.blobs.iter()));
+        for c in all {
+            if seen.insert(c.digest.clone()) && store.blob_path(&c.digest).is_file() {
+                out.push(c.digest.clone());
+            }
+        }
+        out
+    }
+
+    /// Complete, partial or not pullable.
+    pub fn completeness(&self) -> Completeness {
+        let complete = self.images.iter().filter(|i| i.complete()).count();
+        if !self.present || complete == 0 {
+            Completeness::No
+        } else if complete == self.images.len() {
+            Completeness::Yes
+        } else {
+            Completeness::Partial
+        }
+    }
+}
+
+/// Walk the image rooted at `root` (its media type and size from a tag
+/// record or a descriptor, when known).
+pub fn walk(store: &Store, root: Child) -> Tree {
+    let mut tree = Tree {
+        present: false,
+        is_index: false,
+        images: Vec::new(),
+        nested: Vec::new(),
+        root: root.clone(),
+    };
+    let Some((media_type, bytes)) = read_manifest(store, &root.digest) else {
+        return tree;
+    };
+    tree.present = true;
+    tree.root.media_type = media_type;
+    tree.root.size = bytes.len() as u64;
+    let Ok(kids) = children(&bytes) else {
+        return tree;
+    };
+    if kids.iter().any(|c| c.is_manifest) {
+        tree.is_index = true;
+        let mut stack: Vec<Child> = kids.into_iter().filter(|c| c.is_manifest).collect();
+        let mut depth = 0;
+        while let Some(c) = stack.pop() {
+            match read_manifest(store, &c.digest) {
+                Some((mt, bytes)) => {
+                    let grandkids = children(&bytes).unwrap_or_default();
+                    if grandkids.iter().any(|g| g.is_manifest) && depth < 4 {
+                        depth += 1;
+                        tree.nested.push(c);
+                        stack.extend(grandkids.into_iter().filter(|g| g.is_manifest));
+                        continue;
+                    }
+                    let mut manifest = c.clone();
+                    if manifest.media_type.is_empty() {
+                        manifest.media_type = mt;
+                    }
+                    tree.images.push(image(store, manifest, true, grandkids));
+                }
+                None => tree.images.push(image(store, c, false, Vec::new())),
+            }
+        }
+        // Index order, not stack order.
+        tree.images.reverse();
+    } else {
+        let mut img = image(store, tree.root.clone(), true, kids);
+        if img.platform.is_none() {
+            img.platform = config_platform(store, img.blobs.first());
+        }
+        tree.images.push(img);
+    }
+    tree
+}
+
+fn image(store: &Store, manifest: Child, present: bool, blobs: Vec<Child>) -> PlatformImage {
+    let missing = blobs
+        .iter()
+        .filter(|b| !store.blob_path(&b.digest).is_file())
+        .map(|b| b.digest.clone())
+        .collect();
+    PlatformImage {
+        platform: manifest.platform.clone(),
+        manifest,
+        present,
+        blobs,
+        missing,
+    }
+}
+
+/// A cached manifest's media type (recorded, else from its bytes) and bytes.
+pub fn read_manifest(store: &Store, d: &Digest) -> Option<(String, Vec<u8>)> {
+    let bytes = fs::read(store.blob_path(d)).ok()?;
+    let mt = store
+        .read_media_type(d)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| media_type::sniff(&bytes));
+    Some((mt, bytes))
+}
+
+/// `os/arch[/variant]` from an image config blob, if cached and small.
+pub fn config_platform(store: &Store, config: Option<&Child>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Config {
+        os: Option<String>,
+        architecture: Option<String>,
+        variant: Option<String>,
+    }
+    let config = config?;
+    if config.size > 1 << 20 {
+        return None;
+    }
+    let bytes = fs::read(store.blob_path(&config.digest)).ok()?;
+    let c: Config = serde_json::from_slice(&bytes).ok()?;
+    let (os, arch) = (c.os?, c.architecture?);
+    if os.is_empty() || arch.is_empty() {
+        return None;
+    }
+    Some(match c.variant.filter(|v| !v.is_empty()) {
+        Some(v) => format!("{os}/{arch}/{v}"),
+        None => format!("{os}/{arch}"),
+    })
+}
+
+/// The latest modification time among `digests`' files (their last use).
+pub fn last_used(store: &Store, digests: &[Digest]) -> Option<SystemTime> {
+    digests
+        .iter()
+        .filter_map(|d| fs::metadata(store.blob_path(d)).ok()?.modified().ok())
+        .max()
+}
+
+/// The total size of `digests`' files.
+pub fn size_on_disk(store: &Store, digests: &[Digest]) -> u64 {
+    digests
+        .iter()
+        .filter_map(|d| fs::metadata(store.blob_path(d)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A descriptor for a root known only by digest (media type and size
+/// filled in by [`walk`] when the manifest is cached).
+pub fn root_child(digest: Digest, media_type: &str, size: u64) -> Child {
+    Child {
+        digest,
+        size,
+        media_type: media_type.to_owned(),
+        platform: None,
+        is_manifest: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ImageRef, String> {
+        ImageRef::parse(s, &"docker.io".parse().unwrap())
+    }
+
+    #[test]
+    fn references_like_docker() {
+        let r = parse("nginx:1.27").unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/nginx:1.27");
+        let r = parse("docker.io/library/nginx:1.27").unwrap();
+        assert_eq!(r.repo.as_str(), "library/nginx");
+        let r = parse("localhost:5000/team/app:v1").unwrap();
+        assert_eq!(r.registry.as_str(), "localhost:5000");
+        assert_eq!(r.repo.as_str(), "team/app");
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = parse(&format!("ghcr.io/org/app@{d}")).unwrap();
+        assert!(r.tag.is_none());
+        assert_eq!(r.digest.unwrap().to_string(), d);
+        let r = parse(&format!("quay.io/a/b:t@{d}")).unwrap();
+        assert_eq!(r.tag.unwrap().as_str(), "t");
+        assert!(parse("nginx").is_err(), "a tag or digest is required");
+        assert!(parse("Bad/Name:1").is_err());
+        assert!(parse("x@sha256:zz").is_err());
+    }
+}

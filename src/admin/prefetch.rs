@@ -1,0 +1,694 @@
+//! Prefetch: fetch the images named by `[prefetch] images` and `pins`
+//! (rules with `*`/`**` globs) into the cache ahead of the first pull.
+//!
+//! A rule's repositories come from the upstream catalog when the
+//! repository part has a wildcard (else it is taken as written); its tags
+//! from `tags/list` when the tag part has one (paginated; filtered by the
+//! rule; at most `max_tags` per repository, the highest in version order).
+//! Rules without a registry use the default registry.
+//!
+//! Each image: HEAD the tag (no Docker Hub pull counted), fetch the
+//! manifest(s) of the selected platforms (verified by digest), download
+//! the blobs through the cache's single-flight table (so a client pulling
+//! the same blob meanwhile shares the download) with at most `concurrency`
+//! at once and all of them together under the `bandwidth` cap. Only when
+//! every blob is in, the manifests are stored (children first) and then
+//! the tag record: an interrupted prefetch never leaves a tag pointing at
+//! an incomplete image.
+//!
+//! Cancellation (Ctrl-C, SIGTERM, daemon shutdown) is a token: waiting
+//! stops at once, and every download this prefetch started ends its body,
+//! fails its flight (its temporary file is removed; nothing is published)
+//! and frees its worker.
+//!
+//! `berth prefetch` is the one-shot command (it refuses a cache a daemon
+//! holds: the daemon prefetches itself with `[prefetch] on_start` and
+//! `interval`); [`spawn_schedule`] is the daemon's side.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::listing::{self, natural_cmp};
+use super::progress::Progress;
+use super::{setup, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK};
+use crate::cache::flight::{Body, Joined, Opener};
+use crate::cache::{Manifest, TagRecord};
+use crate::config::{parse_capacity, Capacity, Config, PrefetchArgs};
+use crate::error::Error;
+use crate::pins::{Rule, Rules};
+use crate::registry::manifest::{children, platform_matches, Child};
+use crate::registry::{Digest, Reference, RegistryHost, Repository, Tag};
+use crate::state::AppState;
+use crate::upstream::limiter::Limiter;
+use crate::upstream::Upstream;
+
+/// What to prefetch and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Image rules (prefetch images and pins).
+    pub rules: Rules,
+    /// Platforms; empty or `all` means every platform.
+    pub platforms: Vec<String>,
+    /// Blob downloads at once.
+    pub concurrency: usize,
+    /// Bytes per second for all prefetch downloads together.
+    pub bandwidth: Option<u64>,
+    /// Most tags per repository for a rule with a tag wildcard.
+    pub max_tags: usize,
+    /// Entries per listing page.
+    pub page_size: usize,
+}
+
+impl Options {
+    /// The config's `[prefetch]` table; the rules are its images and the pins.
+    pub fn from_config(config: &Config) -> Options {
+        let p = &config.prefetch;
+        let mut rules = p.images.0.clone();
+        rules.extend(config.pins.0.iter().cloned());
+        Options {
+            rules: Rules(rules),
+            platforms: p.platforms.clone(),
+            concurrency: p.concurrency.max(1),
+            bandwidth: p.bandwidth,
+            max_tags: p.max_tags.max(1),
+            page_size: 100,
+        }
+    }
+}
+
+/// One image to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Registry.
+    pub registry: RegistryHost,
+    /// Repository.
+    pub repo: Repository,
+    /// Tag.
+    pub tag: Tag,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}:{}", self.registry, self.repo, self.tag)
+    }
+}
+
+/// An image fetched.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// What.
+    pub target: Target,
+    /// The manifest digest the tag points to.
+    pub digest: Digest,
+    /// Platforms stored.
+    pub platforms: Vec<String>,
+    /// Blobs downloaded now (the rest was cached already).
+    pub downloaded: usize,
+}
+
+/// What a prefetch run did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Images fetched (or found complete).
+    pub fetched: Vec<Fetched>,
+    /// Rules or images that failed, with why.
+    pub failed: Vec<(String, String)>,
+    /// Stopped by cancellation.
+    pub cancelled: bool,
+}
+
+/// Why one image failed.
+#[derive(Debug)]
+enum Failure {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Failed(match e.detail() {
+            Some(d) => format!("{e} ({d})"),
+            None => e.to_string(),
+        })
+    }
+}
+
+/// Shared by the workers of one run.
+struct Ctx {
+    state: AppState,
+    platforms: Vec<String>,
+    cancel: CancellationToken,
+    permits: Arc<Semaphore>,
+    limiter: Option<Arc<Limiter>>,
+    progress: Arc<Progress>,
+}
+
+/// `fut`, unless `cancel` fires first.
+async fn or_cancel<T>(cancel: &CancellationToken, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => None,
+        v = fut => Some(v),
+    }
+}
+
+/// Resolve the rules and fetch every image.
+pub async fn run(
+    state: &AppState,
+    opts: &Options,
+    cancel: &CancellationToken,
+    progress: &Arc<Progress>,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    let targets = match or_cancel(cancel, resolve(state, opts, &mut outcome.failed)).await {
+        Some(t) => t,
+        None => {
+            outcome.cancelled = true;
+            return outcome;
+        }
+    };
+    progress.add_items(targets.len() as u64);
+    let ctx = Arc::new(Ctx {
+        state: state.clone(),
+        platforms: opts.platforms.clone(),
+        cancel: cancel.clone(),
+        permits: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        limiter: opts.bandwidth.map(|b| Arc::new(Limiter::new(b))),
+        progress: progress.clone(),
+    });
+    let mut results = stream::iter(targets)
+        .map(|t| {
+            let ctx = ctx.clone();
+            async move {
+                let r = fetch_image(&ctx, &t).await;
+                (t, r)
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    while let Some((t, r)) = results.next().await {
+        match r {
+            Ok(f) => {
+                progress.item_done(&format!(
+                    "fetched {t} {} [{}] ({} blob(s) downloaded)",
+                    f.digest,
+                    f.platforms.join(","),
+                    f.downloaded
+                ));
+                outcome.fetched.push(f);
+            }
+            Err(Failure::Cancelled) => outcome.cancelled = true,
+            Err(Failure::Failed(why)) => {
+                progress.item_done(&format!("FAILED {t}: {why}"));
+                outcome.failed.push((t.to_string(), why));
+            }
+        }
+    }
+    outcome.cancelled |= cancel.is_cancelled();
+    outcome
+}
+
+/// Every (registry, repository, tag) the rules select.
+async fn resolve(
+    state: &AppState,
+    opts: &Options,
+    failed: &mut Vec<(String, String)>,
+) -> Vec<Target> {
+    let mut out = BTreeMap::new();
+    for rule in &opts.rules.0 {
+        match resolve_rule(state, opts, rule).await {
+            Ok(t) => out.extend(t.into_iter().map(|t| (t.to_string(), t))),
+            Err(why) => {
+                tracing::warn!(rule = ?rule, error = %why, "prefetch rule failed");
+                failed.push((format!("rule {rule:?}"), why));
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+async fn resolve_rule(
+    state: &AppState,
+    opts: &Options,
+    rule: &Rule,
+) -> Result<Vec<Target>, String> {
+    let registry = rule
+        .registry()
+        .cloned()
+        .unwrap_or_else(|| state.config.default_registry.clone());
+    let up = state
+        .upstreams
+        .get(&registry)
+        .ok_or_else(|| format!("registry {registry} is not mirrored"))?;
+    let repos: Vec<String> = match &rule.literal_repo {
+        Some(r) => vec![r.clone()],
+        None => listing::repositories(up, opts.page_size)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|r| rule.matches_repo(&registry, r))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for repo in repos {
+        let repo: Repository = repo
+            .parse()
+            .map_err(|_| format!("{repo:?} is not a repository name"))?;
+        let tags: Vec<String> = match &rule.literal_tag {
+            Some(t) => vec![t.clone()],
+            None => {
+                let mut tags = listing::tags(up, &repo, opts.page_size)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tags.retain(|t| rule.matches(&registry, repo.as_str(), t));
+                tags.sort_by(|a, b| natural_cmp(a, b));
+                let skip = tags.len().saturating_sub(opts.max_tags);
+                tags.split_off(skip)
+            }
+        };
+        for tag in tags {
+            let tag: Tag = tag.parse().map_err(|_| format!("{tag:?} is not a tag"))?;
+            out.push(Target {
+                registry: registry.clone(),
+                repo: repo.clone(),
+                tag,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Fetch one image; store manifests and the tag only when all blobs are in.
+async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
+    let cancel = &ctx.cancel;
+    let cache = &ctx.state.cache;
+    let up = ctx
+        .state
+        .upstreams
+        .get(&t.registry)
+        .cloned()
+        .ok_or_else(|| Failure::Failed(format!("registry {} is not mirrored", t.registry)))?;
+    let reference = Reference::Tag(t.tag.clone());
+    let head = or_cancel(cancel, up.head_manifest(&t.repo, &reference))
+        .await
+        .ok_or(Failure::Cancelled)?;
+    let root = match head {
+        Ok(h) if h.digest.is_some() => {
+            let d = h.digest.expect("matched");
+            manifest(ctx, &up, &t.repo, &d).await?
+        }
+        // Registries that refuse HEAD or omit the digest: GET by tag.
+        Ok(_) | Err(Error::UpstreamFailed(_)) => {
+            let (mt, bytes) = or_cancel(cancel, up.get_manifest(&t.repo, &reference, None))
+                .await
+                .ok_or(Failure::Cancelled)??;
+            (
+                Manifest {
+                    digest: Digest::of(&bytes),
+                    bytes,
+                    media_type: mt.into(),
+                },
+                false,
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let kids = children(&root.0.bytes)
+        .map_err(|e| Failure::Failed(format!("manifest {}: {e}", root.0.digest)))?;
+    let mut images = Vec::new();
+    let mut platforms = Vec::new();
+    if kids.iter().any(|c| c.is_manifest) {
+        for c in kids.iter().filter(|c| c.is_manifest) {
+            if !platform_matches(&ctx.platforms, c.platform.as_deref()) {
+                continue;
+            }
+            let m = manifest(ctx, &up, &t.repo, &c.digest).await?;
+            platforms.push(c.platform.clone().unwrap_or_else(|| "unknown".into()));
+            images.push(m);
+        }
+        if images.is_empty() {
+            return Err(Failure::Failed(format!(
+                "no manifest for platforms {:?} in the index",
+                ctx.platforms
+            )));
+        }
+    }
+    let mut blobs: Vec<Child> = Vec::new();
+    for m in images.iter().chain(std::iter::once(&root)).map(|m| &m.0) {
+        for c in children(&m.bytes).unwrap_or_default() {
+            if !c.is_manifest && !blobs.iter().any(|b| b.digest == c.digest) {
+                blobs.push(c);
+            }
+        }
+    }
+    let todo: u64 = blobs
+        .iter()
+        .filter(|b| !cache.index.contains(&b.digest))
+        .map(|b| b.size)
+        .sum();
+    ctx.progress.add_bytes(todo);
+    let results =
+        futures_util::future::join_all(blobs.iter().map(|b| fetch_blob(ctx, &up, &t.repo, b)))
+            .await;
+    let mut downloaded = 0;
+    let mut errors = Vec::new();
+    for (b, r) in blobs.iter().zip(results) {
+        match r {
+            Ok(true) => downloaded += 1,
+            Ok(false) => {}
+            Err(Failure::Cancelled) => return Err(Failure::Cancelled),
+            Err(Failure::Failed(why)) => errors.push(format!("blob {}: {why}", b.digest)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Failure::Failed(errors.join("; ")));
+    }
+    if cancel.is_cancelled() {
+        return Err(Failure::Cancelled);
+    }
+    // Everything is in: manifests (children first), then the tag.
+    for (m, cached) in images.iter().chain(std::iter::once(&root)) {
+        if !cached {
+            store_manifest(ctx, m).await?;
+        }
+    }
+    let rec = TagRecord::now(
+        &root.0.digest,
+        &root.0.media_type,
+        root.0.bytes.len() as u64,
+    );
+    cache.put_tag(&t.registry, &t.repo, &t.tag, rec)?;
+    if platforms.is_empty() {
+        let config = children(&root.0.bytes)
+            .unwrap_or_default()
+            .into_iter()
+            .next();
+        platforms.push(
+            super::image::config_platform(&cache.store, config.as_ref())
+                .unwrap_or_else(|| "single manifest".into()),
+        );
+    }
+    Ok(Fetched {
+        target: t.clone(),
+        digest: root.0.digest.clone(),
+        platforms,
+        downloaded,
+    })
+}
+
+/// A manifest by digest: from the cache (`true`), or fetched and verified
+/// (`false`; stored later).
+async fn manifest(
+    ctx: &Ctx,
+    up: &Arc<Upstream>,
+    repo: &Repository,
+    d: &Digest,
+) -> Result<(Manifest, bool), Failure> {
+    if let Some(m) = ctx.state.cache.manifest(d)? {
+        return Ok((m, true));
+    }
+    let (mt, bytes) = or_cancel(
+        &ctx.cancel,
+        up.get_manifest(repo, &Reference::Digest(d.clone()), Some(d)),
+    )
+    .await
+    .ok_or(Failure::Cancelled)??;
+    Ok((
+        Manifest {
+            digest: d.clone(),
+            bytes,
+            media_type: mt.into(),
+        },
+        false,
+    ))
+}
+
+async fn store_manifest(ctx: &Ctx, m: &Manifest) -> Result<(), Failure> {
+    let (st, m) = (ctx.state.clone(), m.clone());
+    tokio::task::spawn_blocking(move || st.cache.put_manifest(&m))
+        .await
+        .map_err(|e| Failure::Failed(format!("storing a manifest: {e}")))??;
+    Ok(())
+}
+
+/// Download one blob through the flight table; `true` when this call
+/// downloaded it.
+async fn fetch_blob(
+    ctx: &Ctx,
+    up: &Arc<Upstream>,
+    repo: &Repository,
+    blob: &Child,
+) -> Result<bool, Failure> {
+    let cache = &ctx.state.cache;
+    if cache.index.contains(&blob.digest) {
+        return Ok(false);
+    }
+    let _permit = or_cancel(&ctx.cancel, ctx.permits.clone().acquire_owned())
+        .await
+        .ok_or(Failure::Cancelled)?
+        .map_err(|_| Failure::Cancelled)?;
+    if cache.index.contains(&blob.digest) {
+        return Ok(false);
+    }
+    let opener = {
+        let (up, repo, digest) = (up.clone(), repo.clone(), blob.digest.clone());
+        let (cancel, limiter, progress) = (
+            ctx.cancel.clone(),
+            ctx.limiter.clone(),
+            ctx.progress.clone(),
+        );
+        move || -> Opener {
+            Box::new(move |offset| {
+                let (up, repo, digest) = (up.clone(), repo.clone(), digest.clone());
+                let (cancel, limiter, progress) =
+                    (cancel.clone(), limiter.clone(), progress.clone());
+                Box::pin(async move {
+                    let cancelled = || Error::Internal("prefetch cancelled".into());
+                    let body = or_cancel(&cancel, up.open_blob(&repo, &digest, offset))
+                        .await
+                        .ok_or_else(cancelled)??;
+                    let mut stream = body.stream;
+                    if let Some(l) = limiter {
+                        stream = l.throttle(stream);
+                    }
+                    let stream = stream
+                        .inspect(move |c| {
+                            if let Ok(b) = c {
+                                progress.advance(b.len() as u64);
+                            }
+                        })
+                        // Cancellation ends the body early: the flight fails
+                        // (and resumes only to find the token cancelled).
+                        .take_until(cancel.cancelled_owned())
+                        .boxed();
+                    Ok(Body {
+                        size: body.size,
+                        stream,
+                    })
+                })
+            })
+        }
+    };
+    let (flight, leader) = match cache
+        .flights
+        .join(&blob.digest, cache.publisher(), opener)?
+    {
+        Joined::Leader(f) => (f, true),
+        Joined::Follower(f) => (f, false),
+        Joined::Published => return Ok(false),
+    };
+    if leader {
+        let metrics = ctx.state.metrics.clone();
+        metrics.inflight.inc();
+        let f = flight.clone();
+        tokio::spawn(async move {
+            if let Err(Error::DigestMismatch { .. }) = f.finished().await {
+                metrics.digest_mismatches.inc();
+            }
+            metrics.inflight.dec();
+        });
+    }
+    match or_cancel(&ctx.cancel, flight.finished()).await {
+        None => Err(Failure::Cancelled),
+        Some(Ok(size)) => {
+            if !leader {
+                ctx.progress.advance(size);
+            }
+            Ok(leader)
+        }
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
+/// Start the daemon's prefetch: once at start (`on_start`) and every
+/// `interval`, until `stop` resolves. Does nothing without rules or a
+/// schedule.
+pub fn spawn_schedule(state: &AppState, stop: impl Future<Output = ()> + Send + 'static) {
+    let p = &state.config.prefetch;
+    let opts = Options::from_config(&state.config);
+    if opts.rules.is_empty() || (!p.on_start && p.interval.is_none()) {
+        return;
+    }
+    let (on_start, interval) = (p.on_start, p.interval);
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        stop.await;
+        c.cancel();
+    });
+    let st = state.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            if on_start || !first {
+                let started = Instant::now();
+                tracing::info!(rules = ?opts.rules, "prefetch starting");
+                let out = run(&st, &opts, &cancel, &Progress::quiet("prefetch")).await;
+                tracing::info!(
+                    images = out.fetched.len(),
+                    failed = out.failed.len(),
+                    cancelled = out.cancelled,
+                    elapsed = ?started.elapsed(),
+                    "prefetch finished"
+                );
+            }
+            first = false;
+            let Some(every) = interval else { break };
+            if or_cancel(&cancel, tokio::time::sleep(every))
+                .await
+                .is_none()
+            {
+                break;
+            }
+        }
+    });
+}
+
+/// `berth prefetch`: the one-shot command.
+pub fn command(args: &PrefetchArgs) -> i32 {
+    let progress = Progress::new("prefetch", stderr_is_terminal());
+    let prepared = setup(&args.serve, "info", progress.log_writer())
+        .and_then(|config| options(args, &config).map(|o| (config, o)));
+    let (config, opts) = match prepared {
+        Ok(v) => v,
+        Err(e) => return super::fail(&e),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = rt.block_on(oneshot(config, opts, progress.clone()));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    progress.finish();
+    let out = match result {
+        Ok(o) => o,
+        Err(e) => return super::fail(&e),
+    };
+    for f in &out.failed {
+        println!("FAILED {}: {}", f.0, f.1);
+    }
+    let downloaded: usize = out.fetched.iter().map(|f| f.downloaded).sum();
+    println!(
+        "prefetched {} image(s), {} blob(s) downloaded, {} failed{}",
+        out.fetched.len(),
+        downloaded,
+        out.failed.len(),
+        if out.cancelled { "; interrupted" } else { "" }
+    );
+    if out.cancelled {
+        EXIT_INTERRUPTED
+    } else if !out.failed.is_empty() {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    }
+}
+
+/// The command's options: the config's, overridden by flags.
+fn options(args: &PrefetchArgs, config: &Config) -> Result<Options, AdminError> {
+    let mut o = Options::from_config(config);
+    if o.rules.is_empty() {
+        return Err(AdminError::Usage(
+            "nothing to prefetch: add `[prefetch] images` or `pins` to the config, or pass --prefetch RULE".into(),
+        ));
+    }
+    if args.all_platforms {
+        o.platforms = vec!["all".into()];
+    } else if !args.platforms.is_empty() {
+        o.platforms = args.platforms.clone();
+    }
+    if let Some(c) = args.concurrency {
+        o.concurrency = c.clamp(1, 64);
+    }
+    if let Some(b) = &args.bandwidth {
+        o.bandwidth = match parse_capacity(b) {
+            Ok(Capacity::Bytes(b)) => Some(b),
+            _ => {
+                return Err(AdminError::Usage(format!(
+                    "--bandwidth {b:?}: expected a byte rate such as 20MiB (per second)"
+                )))
+            }
+        };
+    }
+    o.page_size = args.page_size.clamp(1, 10_000);
+    Ok(o)
+}
+
+async fn oneshot(
+    config: Config,
+    opts: Options,
+    progress: Arc<Progress>,
+) -> Result<Outcome, AdminError> {
+    let state = crate::build_state(config).map_err(|e| {
+        match e.downcast::<crate::cache::store::LockError>() {
+            Ok(l @ crate::cache::store::LockError::Busy(_)) => AdminError::Busy(
+                l,
+                ", or let the daemon prefetch: set `[prefetch] on_start = true` (and `interval`) in its config",
+            ),
+            Ok(l) => AdminError::Lock(l),
+            Err(e) => AdminError::Failed(format!("{e:#}")),
+        }
+    })?;
+    let cancel = CancellationToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            for n in 0.. {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                if n > 0 {
+                    eprintln!("berth: interrupted again; exiting now");
+                    std::process::exit(EXIT_INTERRUPTED);
+                }
+                tracing::warn!("stopping prefetch: abandoning downloads in progress");
+                cancel.cancel();
+            }
+        })
+    };
+    let out = run(&state, &opts, &cancel, &progress).await;
+    // Downloads this run started end promptly once cancelled; wait for them
+    // so that their temporary files are gone before the lock is released.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.cache.flights.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if out.cancelled {
+        // The lock is ours: nothing else can be writing into tmp/.
+        let tmp = state.cache.store.root().join("tmp");
+        if let Ok(rd) = std::fs::read_dir(&tmp) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    watcher.abort();
+    Ok(out)
+}
