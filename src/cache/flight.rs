@@ -125,6 +125,7 @@ impl Flight {
             state: self.state.clone(),
             pos: start,
             end,
+            mapped: None,
         };
         futures_util::stream::unfold(reader, |mut r| async move {
             match r.next_chunk().await {
@@ -145,6 +146,8 @@ struct Reader {
     state: watch::Receiver<State>,
     pos: u64,
     end: u64,
+    /// Once the flight is published, the rest is served from a mapping.
+    mapped: Option<Bytes>,
 }
 
 impl Reader {
@@ -170,6 +173,17 @@ impl Reader {
                 State::Streaming { written, .. } => written.min(self.end),
                 State::Connecting => 0,
             };
+            if let (State::Done { size }, true) = (&state, limit > self.pos) {
+                // Published: the file is now immutable, so the rest is a
+                // slice of a mapping instead of a copy (cache::mmap invariant).
+                if self.mapped.is_none() {
+                    self.mapped = Some(super::mmap::map(&self.file, *size)?);
+                }
+                let mapped = self.mapped.as_ref().expect("just mapped");
+                let chunk = mapped.slice(self.pos as usize..limit as usize);
+                self.pos = limit;
+                return Ok(Some(chunk));
+            }
             if limit > self.pos {
                 let (pos, len) = (self.pos, (limit - self.pos).min(READ_CHUNK));
                 let file = self.file.clone();
@@ -308,7 +322,9 @@ async fn run(
     mut opener: Opener,
     publish: &Publish,
 ) -> Result<u64, Error> {
-    let (tx, rx) = mpsc::channel::<Msg>(64);
+    // Bounded so a slow disk or hasher applies back-pressure to the
+    // download instead of buffering it in memory.
+    let (tx, rx) = mpsc::channel::<Msg>(16);
     let writer = {
         let (file, state, expected) = (file.clone(), state.clone(), digest.clone());
         tokio::task::spawn_blocking(move || write_loop(rx, &file, &state, &expected))

@@ -17,8 +17,9 @@
 //! 3. Eviction and quarantine only `unlink` (or rename) a path; an existing
 //!    mapping keeps the inode alive until the last `Bytes` clone is dropped.
 //!
-//! Only files obtained from [`super::store::Store::open_published`] may be
-//! passed to [`map`]. Something outside berth writing into the cache
+//! Only files obtained from [`super::store::Store::open_published`], or a
+//! download's own file after its flight reached `Done` (it was verified and
+//! renamed into place, and its writer has finished), may be passed to [`map`]. Something outside berth writing into the cache
 //! directory breaks the invariant, as it would for any mmap-based cache;
 //! `berth verify` exists to find such damage.
 #![allow(unsafe_code)]
