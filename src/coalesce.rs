@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
@@ -14,15 +15,21 @@ use crate::error::Error;
 
 type SharedResult<V> = Shared<BoxFuture<'static, Result<V, Error>>>;
 
+/// Calls in progress by key, each with an id that tells a call from a
+/// later one for the same key.
+type Table<K, V> = Arc<Mutex<HashMap<K, (u64, SharedResult<V>)>>>;
+
 /// A table of calls in progress, keyed by what they fetch.
 pub struct Coalescer<K, V: Clone> {
-    calls: Mutex<HashMap<K, SharedResult<V>>>,
+    calls: Table<K, V>,
+    next_id: AtomicU64,
 }
 
 impl<K, V: Clone> Default for Coalescer<K, V> {
     fn default() -> Self {
         Coalescer {
-            calls: Mutex::new(HashMap::new()),
+            calls: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(0),
         }
     }
 }
@@ -42,26 +49,33 @@ where
         let (fut, joined) = {
             let mut calls = self.calls.lock().expect("coalescer lock");
             match calls.get(&key) {
-                Some(f) => (f.clone(), true),
+                Some((_, f)) => (f.clone(), true),
                 None => {
-                    let task = tokio::spawn(make());
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (table, k, work) = (self.calls.clone(), key.clone(), make());
+                    // The call forgets itself when done, even if every
+                    // caller went away meanwhile (a client that disconnects
+                    // drops its `run`): a finished call must never be joined.
+                    let task = tokio::spawn(async move {
+                        let out = work.await;
+                        let mut calls = table.lock().expect("coalescer lock");
+                        if calls.get(&k).is_some_and(|(i, _)| *i == id) {
+                            calls.remove(&k);
+                        }
+                        out
+                    });
                     let f = async move {
                         task.await
                             .unwrap_or_else(|e| Err(Error::Internal(format!("task failed: {e}"))))
                     }
                     .boxed()
                     .shared();
-                    calls.insert(key.clone(), f.clone());
+                    calls.insert(key, (id, f.clone()));
                     (f, false)
                 }
             }
         };
-        let out = fut.clone().await;
-        let mut calls = self.calls.lock().expect("coalescer lock");
-        if calls.get(&key).is_some_and(|f| f.ptr_eq(&fut)) {
-            calls.remove(&key);
-        }
-        (out, joined)
+        (fut.await, joined)
     }
 }
 
@@ -95,5 +109,26 @@ mod tests {
         // Finished calls are forgotten: the next one runs again.
         let (v, joined) = c.run("k", || async { Ok(8) }).await;
         assert_eq!((v.unwrap(), joined), (8, false));
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_callers_all_went_away_is_forgotten_when_done() {
+        let c: Arc<Coalescer<&'static str, u32>> = Arc::default();
+        let waiting = c.run("k", || async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(1)
+        });
+        // The only caller gives up (a client disconnected).
+        assert!(tokio::time::timeout(Duration::from_millis(5), waiting)
+            .await
+            .is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(c.calls.lock().unwrap().is_empty(), "nothing left behind");
+        let (v, joined) = c.run("k", || async { Ok(2) }).await;
+        assert_eq!(
+            (v.unwrap(), joined),
+            (2, false),
+            "a fresh call, not the old result"
+        );
     }
 }
