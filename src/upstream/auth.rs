@@ -202,6 +202,7 @@ pub fn realm_allowed(upstream: &Url, realm: &Url) -> bool {
         return true;
     }
     let loopback = |h: &str| {
+        let h = h.trim_start_matches('[').trim_end_matches(']');
         h == "localhost"
             || h.parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
@@ -325,6 +326,14 @@ mod tests {
     #[test]
     fn realms() {
         let u = |s: &str| Url::parse(s).unwrap();
+        assert!(realm_allowed(
+            &u("http://[::1]:5000"),
+            &u("http://[::1]:6000/auth")
+        ));
+        assert!(realm_allowed(
+            &u("http://[::1]:5000"),
+            &u("http://127.0.0.1:6000/auth")
+        ));
         assert!(realm_allowed(
             &u("https://registry-1.docker.io"),
             &u("https://auth.docker.io/token")
