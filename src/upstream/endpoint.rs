@@ -377,15 +377,17 @@ impl Endpoint {
         }
     }
 
-    /// HEAD a manifest: digest, type and size without a counted pull.
-    pub async fn head_manifest(
+    /// A manifest request with the full Accept set; a non-success status
+    /// becomes the classified error.
+    async fn manifest_request(
         &self,
+        method: Method,
         repo: &Repository,
         reference: &Reference,
-    ) -> Result<ManifestHead, Error> {
+    ) -> Result<reqwest::Response, Error> {
         let resp = self
             .send(
-                Method::HEAD,
+                method,
                 repo,
                 &format!("manifests/{reference}"),
                 manifest_accept(),
@@ -396,6 +398,16 @@ impl Endpoint {
                 Error::ManifestUnknown(format!("{repo}:{reference}"))
             }));
         }
+        Ok(resp)
+    }
+
+    /// HEAD a manifest: digest, type and size without a counted pull.
+    pub async fn head_manifest(
+        &self,
+        repo: &Repository,
+        reference: &Reference,
+    ) -> Result<ManifestHead, Error> {
+        let resp = self.manifest_request(Method::HEAD, repo, reference).await?;
         let h = resp.headers();
         Ok(ManifestHead {
             digest: h
@@ -403,10 +415,7 @@ impl Endpoint {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|s| s.parse().ok()),
             media_type: content_type(h).unwrap_or_default(),
-            size: h
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.parse().ok()),
+            size: content_length(h),
         })
     }
 
@@ -416,19 +425,7 @@ impl Endpoint {
         repo: &Repository,
         reference: &Reference,
     ) -> Result<(String, Bytes), Error> {
-        let resp = self
-            .send(
-                Method::GET,
-                repo,
-                &format!("manifests/{reference}"),
-                manifest_accept(),
-            )
-            .await?;
-        if !resp.status().is_success() {
-            return Err(self.status_error(&resp, || {
-                Error::ManifestUnknown(format!("{repo}:{reference}"))
-            }));
-        }
+        let resp = self.manifest_request(Method::GET, repo, reference).await?;
         if let Some(len) = resp.content_length().filter(|l| *l > MAX_MANIFEST_SIZE) {
             return Err(Error::ManifestTooLarge(len));
         }
@@ -546,13 +543,7 @@ impl Endpoint {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_content_range)
             .and_then(|(_, total)| total);
-        // Read the header: reqwest's content_length() is the body's size hint,
-        // which is 0 for a HEAD response.
-        let header_len = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse().ok());
+        let header_len = content_length(resp.headers());
         let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
             from_range
         } else {
@@ -586,6 +577,14 @@ fn kind_of(tail: &str) -> &'static str {
         Some("referrers") => "referrers",
         _ => "other",
     }
+}
+
+/// The `Content-Length` header. Read the header, not reqwest's
+/// `content_length()`: that is the body's size hint, 0 for a HEAD response.
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
 }
 
 fn manifest_accept() -> HeaderMap {
