@@ -8,7 +8,9 @@
 //! revalidation is slow (later requests still revalidate); resets, stalls
 //! and garbage during the token exchange (a clear 5xx, then recovery); and
 //! the SSRF guard on redirects into loopback, link-local, private, shared
-//! and IPv4-mapped addresses.
+//! and IPv4-mapped addresses, given literally or as a host name that
+//! resolves there (berth's filtering resolver), with a proxy on a loopback
+//! name still usable.
 //!
 //! `ns=` naming an unconfigured registry (no upstream request at all) is
 //! covered by tests/bad_input.rs.
@@ -17,9 +19,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -664,6 +666,27 @@ async fn token_exchange_resets_stalls_and_garbage_give_a_clear_5xx_then_recover(
     );
 }
 
+/// Three registries on one endpoint: `guarded.example` refuses private
+/// redirects, `trusting.example` takes the default, `opted-in.example` sets
+/// `private_redirects = true`.
+fn redirect_registries(endpoint: &str) -> String {
+    format!(
+        "[registries.\"guarded.example\"]\nurl = \"{endpoint}\"\nprivate_redirects = false\n\n\
+         [registries.\"trusting.example\"]\nurl = \"{endpoint}\"\n\n\
+         [registries.\"opted-in.example\"]\nurl = \"{endpoint}\"\nprivate_redirects = true\n"
+    )
+}
+
+/// berth with `config` as its config file (the directory holding it is
+/// returned, to live as long as berth), a 1 s connect timeout and `envs`.
+async fn berth_with_config(config: &str, envs: &[(&str, &str)]) -> (Berth, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let args = ["--config", cfg.to_str().unwrap(), "--connect-timeout", "1s"];
+    (Berth::start_with_env(&args, envs).await, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_into_private_addresses_are_refused_unless_allowed() {
     if !tools::require("docker-registry") {
@@ -677,19 +700,7 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
         .unwrap();
     let target = CountingProxy::start(&origin.url()).await;
     let fake = Fake::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("berth.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[registries.\"guarded.example\"]\nurl = \"{0}\"\nprivate_redirects = false\n\n\
-             [registries.\"trusting.example\"]\nurl = \"{0}\"\n\n\
-             [registries.\"opted-in.example\"]\nurl = \"{0}\"\nprivate_redirects = true\n",
-            fake.url()
-        ),
-    )
-    .unwrap();
-    let berth = Berth::start(&["--config", cfg.to_str().unwrap(), "--connect-timeout", "1s"]).await;
+    let (berth, _dir) = berth_with_config(&redirect_registries(&fake.url()), &[]).await;
     let http = tools::http_client();
     let layer = &image.layers[0];
     let blob = |registry: &str| {
@@ -765,6 +776,148 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
     assert!(cached_path(&berth, &layer.digest).is_file());
 }
 
+/// A host name (not `localhost`, which the literal check already refuses)
+/// that resolves only to loopback addresses here, and the first of them:
+/// the machine's own name (in /etc/hosts as 127.0.0.1 or 127.0.1.1, or from
+/// nss-myhostname), else Debian's `ip6-localhost` family. None when no
+/// candidate resolves; on CI (`CI` set) that fails the test instead.
+fn loopback_name() -> Option<(String, IpAddr)> {
+    let own = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .into_iter()
+        .chain(std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned());
+    let fixed = [
+        "ip6-localhost",
+        "ip6-loopback",
+        "localhost.localdomain",
+        "localhost6",
+        "localhost6.localdomain6",
+    ]
+    .map(str::to_owned);
+    let found = own.chain(fixed).find_map(|name| {
+        let lower = name.to_ascii_lowercase();
+        if name.is_empty()
+            || lower == "localhost"
+            || lower.ends_with(".localhost")
+            || name.parse::<IpAddr>().is_ok()
+        {
+            return None;
+        }
+        let addrs: Vec<IpAddr> = (name.as_str(), 0)
+            .to_socket_addrs()
+            .ok()?
+            .map(|a| a.ip())
+            .collect();
+        let first = *addrs.first()?;
+        addrs
+            .iter()
+            .all(IpAddr::is_loopback)
+            .then_some((name, first))
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no host name resolves only to loopback here (tried the hostname, ip6-localhost, localhost.localdomain, ...)"
+        );
+        eprintln!("SKIP: no host name resolves only to loopback on this machine");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_to_a_name_resolving_to_loopback_are_refused_unless_allowed() {
+    let Some((name, ip)) = loopback_name() else {
+        return;
+    };
+    let image = image_of(11, &[48 * 1024]);
+    let layer = &image.layers[0];
+    // The redirect target: a registry on the address `name` resolves to.
+    let target = Fake::start_on(ip).await;
+    target.add_blob(layer);
+    let port = target.addr.port();
+    let fake = Fake::start().await;
+    fake.set_redirect(Some(&format!("http://{name}:{port}")));
+    let (berth, _dir) = berth_with_config(&redirect_registries(&fake.url()), &[]).await;
+    let http = tools::http_client();
+    let blob = |registry: &str| {
+        format!(
+            "{}/v2/team/app/blobs/{}?ns={registry}",
+            berth.url(),
+            layer.digest
+        )
+    };
+
+    let (st, body) = fetch(&http, &blob("guarded.example"), None).await;
+    let body = body.unwrap();
+    assert_eq!(st, 502, "redirect to {name} ({ip}) was not refused");
+    assert_eq!(envelope_code(&body), "UNKNOWN");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains(&format!(
+            "{name} resolves only to private addresses; refused (set private_redirects = true to allow)"
+        )),
+        "the error says why: {text}"
+    );
+    assert!(
+        fake.seen().iter().any(|s| s.status == 307),
+        "the endpoint did redirect"
+    );
+    assert_eq!(
+        target.connections.load(Ordering::SeqCst),
+        0,
+        "berth connected to the redirect target"
+    );
+    assert!(target.seen().is_empty());
+    assert!(!cached_path(&berth, &layer.digest).exists());
+    let log = berth.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("resolves only to private addresses")),
+        "the refusal is logged at warn: {log}"
+    );
+
+    // The same redirect with `private_redirects = true`: followed, exact bytes.
+    let (st, body) = fetch(&http, &blob("opted-in.example"), None).await;
+    assert_eq!(st, 200, "redirect to {name} with private_redirects = true");
+    assert_eq!(body.unwrap(), layer.bytes);
+    assert!(target.connections.load(Ordering::SeqCst) >= 1);
+    assert_eq!(target.seen().len(), 1, "{:?}", target.seen());
+    assert!(cached_path(&berth, &layer.digest).is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_proxy_on_a_loopback_name_keeps_working() {
+    // The proxy is named `localhost` (resolved by berth's resolver, which
+    // would refuse it for a public endpoint were it not the configured
+    // proxy); the endpoint's own name is never resolved by berth.
+    let image = image_of(12, &[32 * 1024]);
+    let layer = &image.layers[0];
+    let proxy = Fake::start().await;
+    proxy.add_blob(layer);
+    let proxy_url = format!("http://localhost:{}", proxy.addr.port());
+    let (berth, _dir) = berth_with_config(
+        "[registries.\"public.example\"]\nurl = \"http://registry.invalid\"\n",
+        &[("HTTP_PROXY", &proxy_url), ("http_proxy", &proxy_url)],
+    )
+    .await;
+    let url = format!(
+        "{}/v2/team/app/blobs/{}?ns=public.example",
+        berth.url(),
+        layer.digest
+    );
+    let (st, body) = fetch(&tools::http_client(), &url, None).await;
+    assert_eq!(st, 200, "{}", berth.log());
+    assert_eq!(body.unwrap(), layer.bytes);
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .any(|s| s.method == "GET" && s.path.ends_with(&layer.digest)),
+        "the blob came through the proxy"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // A small in-test registry for faults the counting proxy cannot make: it
 // ignores `Range`, redirects blob GETs, and corrupts manifests on demand.
@@ -789,6 +942,8 @@ struct FakeState {
     cut_once: Mutex<Option<u64>>,
     corrupt_manifests: AtomicBool,
     seen: Mutex<Vec<Seen>>,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
 }
 
 struct Fake {
@@ -820,7 +975,11 @@ fn full(b: impl Into<Bytes>) -> FakeBody {
 
 impl Fake {
     async fn start() -> Fake {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Fake::start_on(Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    async fn start_on(ip: IpAddr) -> Fake {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(FakeState::default());
         let st = state.clone();
@@ -830,6 +989,7 @@ impl Fake {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {

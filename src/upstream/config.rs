@@ -90,8 +90,11 @@ pub struct EndpointConfig {
     /// A hub (Harbor proxy project): blob HEADs are sent as ranged GETs,
     /// since a hub answers 404 to HEAD on blobs it has not cached yet.
     pub hub: bool,
-    /// Follow redirects into loopback, link-local or private addresses.
-    /// Default: only when the endpoint itself is at such an address.
+    /// Follow redirects (and fetch token realms) into loopback, link-local
+    /// or private addresses, given literally or as a name that resolves
+    /// there (`upstream::resolve`). Default: only when the endpoint itself
+    /// is at such an address. The endpoint's own host and the proxy hosts
+    /// may resolve there regardless.
     pub private_redirects: Option<bool>,
 }
 

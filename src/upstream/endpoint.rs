@@ -16,6 +16,7 @@ use url::Url;
 use super::auth::{parse_challenge, Challenge, TokenCache};
 use super::breaker::Breaker;
 use super::limiter::Limiter;
+use super::resolve::{GuardedResolver, Policy};
 use super::{map_reqwest, redact, retry_after, url_is_private, ManifestHead};
 use crate::cache::flight;
 use crate::config::{Config, ConfigError, Credentials, EndpointConfig};
@@ -63,7 +64,9 @@ impl Endpoint {
         // Follow redirects (Docker Hub, registry.k8s.io send blobs to CDNs).
         // reqwest drops Authorization on a cross-host redirect. A redirect into
         // loopback, link-local (cloud metadata) or private ranges is refused
-        // unless the endpoint itself lives there.
+        // unless the endpoint itself lives there: literal addresses here,
+        // names that resolve there in the resolver (redirects and token
+        // realms alike).
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= 10 {
                 attempt.error("too many redirects")
@@ -80,6 +83,11 @@ impl Endpoint {
             .read_timeout(read_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .redirect(policy)
+            .dns_resolver(Arc::new(GuardedResolver::new(
+                Policy::new(&ep.url, allow_private),
+                host.as_str(),
+                &redact(&ep.url),
+            )))
             .use_rustls_tls();
         let ctx = format!("registry {} endpoint {}", host, redact(&ep.url));
         if let Some(ca) = &ep.ca_file {

@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 pub mod endpoint;
 pub mod limiter;
+pub mod resolve;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -299,7 +300,11 @@ pub(crate) fn map_reqwest(e: reqwest::Error) -> Error {
                 )
             })
     });
-    if e.is_timeout() {
+    let refused = causes().find_map(|c| c.downcast_ref::<resolve::Refused>());
+    if let Some(refused) = refused {
+        // The SSRF guard's own refusal: an upstream failure, not a dead host.
+        Error::UpstreamFailed(format!("{what}: {refused}"))
+    } else if e.is_timeout() {
         Error::UpstreamTimeout(Duration::ZERO)
     } else if e.is_connect() {
         Error::UpstreamUnreachable(format!("cannot connect to {what}{root}"))
