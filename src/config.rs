@@ -343,6 +343,12 @@ pub struct ServeArgs {
     /// silent) connections are closed (slow-loris guard).
     #[arg(long, env = "BERTH_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
     pub header_timeout: Option<Duration>,
+    /// A connection with no open request and no traffic is closed after this long.
+    #[arg(long, env = "BERTH_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// A connection whose client takes none of a response's bytes for this long is closed.
+    #[arg(long, env = "BERTH_SEND_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub send_timeout: Option<Duration>,
     /// Separate listener for /metrics, /livez and /readyz (e.g. the node IP).
     #[arg(long, env = "BERTH_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -367,6 +373,10 @@ pub struct FileConfig {
     read_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     header_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    send_timeout: Option<Duration>,
     metrics_listen: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     docker_config: Option<PathBuf>,
@@ -471,6 +481,10 @@ pub struct Config {
     pub read_timeout: Duration,
     /// Client request-header read timeout (slow-loris guard).
     pub header_timeout: Duration,
+    /// Client connection idle timeout (no open request, no traffic).
+    pub idle_timeout: Duration,
+    /// Client send timeout (a response's bytes not taken).
+    pub send_timeout: Duration,
     /// Metrics/probe listener.
     pub metrics_listen: Option<SocketAddr>,
     /// Log format.
@@ -516,6 +530,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default client header read timeout.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default client idle timeout (nginx's `keepalive_timeout` is 75 s).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default client send timeout (nginx's `send_timeout`); longer than the
+/// upstream read timeout, which bounds a wait for upstream bytes.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A config problem, phrased for a person.
 #[derive(Debug, thiserror::Error)]
@@ -642,6 +661,17 @@ impl Config {
         if header_timeout.is_zero() {
             return Err(err("header timeout must be longer than 0s"));
         }
+        let idle_timeout = args
+            .idle_timeout
+            .or(file.idle_timeout)
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let send_timeout = args
+            .send_timeout
+            .or(file.send_timeout)
+            .unwrap_or(DEFAULT_SEND_TIMEOUT);
+        if idle_timeout.is_zero() || send_timeout.is_zero() {
+            return Err(err("idle and send timeouts must be longer than 0s"));
+        }
         let mut pin_texts = file.pins;
         pin_texts.extend(args.pins.iter().cloned());
         let pins = crate::pins::Rules::parse(&pin_texts).map_err(|e| err(format!("pins: {e}")))?;
@@ -684,6 +714,8 @@ impl Config {
                 .or(file.read_timeout)
                 .unwrap_or(DEFAULT_READ_TIMEOUT),
             header_timeout,
+            idle_timeout,
+            send_timeout,
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             registries,

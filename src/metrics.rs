@@ -35,6 +35,8 @@ pub struct Metrics {
     pub ratelimit_limit: IntGaugeVec,
     /// Upstream content that failed verification.
     pub digest_mismatches: IntCounter,
+    /// Cached private content refused to a registry that did not prove it serves it.
+    pub private_refusals: IntCounterVec,
     /// Downloads in progress.
     pub inflight: IntGauge,
     /// Clients streaming a download another request started.
@@ -55,6 +57,8 @@ pub struct Metrics {
     pub fs_size: IntGauge,
     /// Manifests served from cache because upstream failed.
     pub stale_served: IntCounterVec,
+    /// Client connections berth closed, by reason (idle|stalled).
+    pub connections_closed: IntCounterVec,
     /// Constant 1 with the version.
     pub build_info: IntGaugeVec,
 }
@@ -143,6 +147,11 @@ impl Metrics {
                     "Upstream content that did not match its digest (never cached).",
                 )?,
             )?,
+            private_refusals: counter_vec(
+                "berth_private_refusals_total",
+                "Cached private content refused to a request through a registry that did not prove it serves it, by registry and reason (not_found|denied|unavailable).",
+                &["registry", "reason"],
+            )?,
             inflight: gauge("berth_inflight_fetches", "Blob downloads in progress.")?,
             followers: gauge(
                 "berth_flight_followers",
@@ -181,6 +190,11 @@ impl Metrics {
                 "Manifests served from cache because the upstream failed, by registry.",
                 &["registry"],
             )?,
+            connections_closed: counter_vec(
+                "berth_client_connections_closed_total",
+                "Client connections berth closed, by reason (idle: nothing open or moving; stalled: the client stopped reading).",
+                &["reason"],
+            )?,
             build_info: gauge_vec(
                 "berth_build_info",
                 "Always 1; the labels describe the build.",
@@ -215,6 +229,7 @@ impl Metrics {
             (&self.ratelimit_remaining, "gauge"),
             (&self.ratelimit_limit, "gauge"),
             (&self.digest_mismatches, "counter"),
+            (&self.private_refusals, "counter"),
             (&self.inflight, "gauge"),
             (&self.followers, "gauge"),
             (&self.cache_bytes, "gauge"),
@@ -225,6 +240,7 @@ impl Metrics {
             (&self.fs_free, "gauge"),
             (&self.fs_size, "gauge"),
             (&self.stale_served, "counter"),
+            (&self.connections_closed, "counter"),
             (&self.build_info, "gauge"),
         ];
         collectors

@@ -6,7 +6,9 @@
 //! paths, headers and names answered with bounded errors; a request flood
 //! with bounded memory and no error; invalid `Range` values on hits, misses
 //! and HEADs; private registries off the anonymous path-style route, with
-//! every access logged.
+//! every access logged; idle HTTP/2 connections closed by the idle timeout,
+//! clients that stop reading (HTTP/1 socket full, HTTP/2 window never
+//! reopened) cut off by the send timeout.
 //!
 //! Everything runs against the real binary on 127.0.0.1; counts and times
 //! are bounded, and time limits are generous "no hang" bounds, never
@@ -273,6 +275,145 @@ async fn slow_loris_connections_are_closed_while_normal_clients_are_served() {
         200,
         "still serving"
     );
+}
+
+/// Read until the server closes the connection (EOF or reset); the bytes read.
+async fn drain(mut s: TcpStream) -> usize {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match tokio::time::timeout(PATIENCE, s.read(&mut buf)).await {
+            Err(_) => panic!("the connection was still open after {PATIENCE:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return total,
+            Ok(Ok(n)) => total += n,
+        }
+    }
+}
+
+fn closed_count(metrics: &str, reason: &str) -> u64 {
+    let series = format!("berth_client_connections_closed_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_and_clients_that_stop_reading_are_closed() {
+    const IDLE: Duration = Duration::from_secs(2);
+    const SEND: Duration = Duration::from_secs(2);
+    let Some(env) = setup(&["--idle-timeout", "2s", "--send-timeout", "2s"]).await else {
+        return;
+    };
+    let addr = env.berth.addr();
+    let http = tools::http_client();
+    // Bigger than loopback socket buffers (a few MiB), cached before the test.
+    let big = content::Blob::new(
+        "application/octet-stream",
+        content::pseudo_random_bytes(73, 48 << 20),
+    );
+    content::RegistryClient::new(&env._origin.url())
+        .push_blob("library/app", &big)
+        .await
+        .unwrap();
+    let path = format!("/v2/library/app/blobs/{}?ns=docker.io", big.digest);
+    let r = http
+        .get(format!("{}{path}", env.berth.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), big.bytes.len());
+
+    // 1. HTTP/2: preface and SETTINGS, then silence.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let idle_h2 = tokio::spawn(closed_after(s, started));
+
+    // 2. HTTP/1.1: ask for the big blob, read a little, stop reading. A
+    // small receive buffer (no autotuning) so that berth's writes block.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut s = sock.connect(addr.parse().unwrap()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: berth\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut first = [0u8; 4096];
+    s.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(SEND + Duration::from_secs(3)).await;
+    let got = drain(s).await + first.len();
+    assert!(
+        got < big.bytes.len(),
+        "a client that stopped reading was cut off ({got} of {} bytes)",
+        big.bytes.len()
+    );
+
+    // 3. HTTP/2: ask for the big blob and never reopen the flow-control
+    // window (berth can send 64 KiB, then has to wait for the client).
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://berth{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stalled = Instant::now();
+    let mut body = resp.into_body();
+    let mut h2_got = 0;
+    // Take the data without releasing capacity: the window stays shut.
+    let end = tokio::time::timeout(PATIENCE, async {
+        while let Some(chunk) = body.data().await {
+            match chunk {
+                Ok(c) => h2_got += c.len(),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stalled HTTP/2 stream was never closed");
+    assert!(h2_got < big.bytes.len(), "{h2_got}");
+    assert!(
+        stalled.elapsed() >= SEND.min(IDLE) - Duration::from_millis(500),
+        "closed after {:?}, before the send/idle timeout",
+        stalled.elapsed()
+    );
+    let _ = tokio::time::timeout(PATIENCE, conn_task).await;
+
+    let (took, _) = idle_h2.await.unwrap();
+    assert!(
+        took >= IDLE - Duration::from_millis(500) && took < IDLE + Duration::from_secs(8),
+        "idle HTTP/2 connection closed after {took:?}"
+    );
+    let metrics = http
+        .get(format!("{}/metrics", env.berth.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The HTTP/2 stream with a shut window counts as idle or stalled (hyper
+    // may already have handed the whole hit to the HTTP/2 layer).
+    assert!(closed_count(&metrics, "idle") >= 1, "{metrics}");
+    assert!(closed_count(&metrics, "stalled") >= 1, "{metrics}");
+    assert!(
+        closed_count(&metrics, "idle") + closed_count(&metrics, "stalled") >= 3,
+        "{metrics}"
+    );
+    // Still serving, the exact bytes.
+    let r = http
+        .get(format!("{}{path}", env.berth.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), big.bytes);
 }
 
 /// The soft RLIMIT_NOFILE of this process (inherited by berth).

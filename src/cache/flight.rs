@@ -177,7 +177,7 @@ impl Reader {
                 // Published: the file is now immutable, so the rest is a
                 // slice of a mapping instead of a copy (cache::mmap invariant).
                 if self.mapped.is_none() {
-                    self.mapped = Some(super::mmap::map(&self.file, *size)?);
+                    self.mapped = Some(super::mmap::map(self.file.clone(), *size)?);
                 }
                 let mapped = self.mapped.as_ref().expect("just mapped");
                 let chunk = mapped.slice(self.pos as usize..limit as usize);

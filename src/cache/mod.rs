@@ -209,7 +209,7 @@ impl Cache {
         if entry.should_touch() {
             Store::touch(&file);
         }
-        let bytes = mmap::map(&file, size)?;
+        let bytes = mmap::map(std::sync::Arc::new(file), size)?;
         self.maps.insert(d.clone(), (ino, bytes.clone()));
         Ok(Some(bytes))
     }

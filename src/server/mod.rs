@@ -1,5 +1,6 @@
 //! The HTTP server: accept loop (hyper-util auto HTTP/1 + HTTP/2, header
-//! read timeout, connection limit, graceful shutdown), dispatch of parsed
+//! read, idle and send timeouts, connection limit, graceful shutdown,
+//! sendfile for mapped content on plain TCP), dispatch of parsed
 //! routes to handlers, and the access log and request metrics in one place.
 
 pub mod deadline;
@@ -8,6 +9,8 @@ pub mod range;
 pub mod response;
 pub mod route;
 pub mod uncached;
+pub mod watchdog;
+pub mod zerocopy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,21 +20,26 @@ use http::{Request, Response};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Source};
 use crate::state::AppState;
 use deadline::FirstBytes;
 use response::{Body, CacheResult, ErrorNote};
 use route::{Registries, Route};
+use watchdog::{Activity, Tracked, Verdict, Watched};
+use zerocopy::Zerocopy;
 
 /// Most connections served at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// A client must send its request headers within this time (slow-loris
 /// guard); the default of `--header-timeout`.
 pub const HEADER_READ_TIMEOUT: Duration = crate::config::DEFAULT_HEADER_TIMEOUT;
+/// How long an idle connection's graceful close may take.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight responses.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -51,7 +59,8 @@ pub async fn run(
     role: Role,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let stopping = CancellationToken::new();
+    let connections = TaskTracker::new();
     let header_timeout = state.config.header_timeout;
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -96,42 +105,39 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         let st = state.clone();
+        let watched = activity.clone();
         let svc = service_fn(move |req| {
             let st = st.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&st, role, req).await) }
+            let in_use = watched.begin();
+            async move {
+                let resp = handle(&st, role, req).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::wrap(b, in_use)))
+            }
         });
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-        tokio::spawn(async move {
+        let (builder, stopping, tls, st) = (
+            builder.clone(),
+            stopping.clone(),
+            tls.clone(),
+            state.clone(),
+        );
+        connections.spawn(async move {
             let result = match tls {
+                // Plain TCP: mapped cache content goes out with sendfile(2).
                 None => {
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(
-                                    TokioIo::new(FirstBytes::new(stream, header_timeout)),
-                                    svc,
-                                )
-                                .into_owned(),
-                        )
-                        .await
+                    let io = Watched::new(Zerocopy::new(stream), activity.clone());
+                    let io = TokioIo::new(FirstBytes::new(io, header_timeout));
+                    let conn = builder.serve_connection(io, svc);
+                    drive(conn, &st, &activity, &stopping).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            watcher
-                                .watch(
-                                    builder
-                                        .serve_connection(
-                                            TokioIo::new(FirstBytes::new(
-                                                tls_stream,
-                                                header_timeout,
-                                            )),
-                                            svc,
-                                        )
-                                        .into_owned(),
-                                )
-                                .await
+                            let io = Watched::new(tls_stream, activity.clone());
+                            let io = TokioIo::new(FirstBytes::new(io, header_timeout));
+                            let conn = builder.serve_connection(io, svc);
+                            drive(conn, &st, &activity, &stopping).await
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%peer, %error, "TLS handshake failed");
@@ -151,9 +157,63 @@ pub async fn run(
         });
     }
     drop(listener);
+    stopping.cancel();
+    connections.close();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = connections.wait() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing remaining connections"),
+    }
+}
+
+/// Run one connection until it ends, berth shuts down (graceful: in-flight
+/// responses finish, HTTP/2 gets a GOAWAY), it idles (graceful) or its
+/// client stops reading (closed at once); see [`watchdog`].
+async fn drive<I, S>(
+    conn: auto::Connection<'_, I, S, TokioExecutor>,
+    state: &AppState,
+    activity: &Activity,
+    stopping: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (idle, send) = (state.config.idle_timeout, state.config.send_timeout);
+    tokio::pin!(conn);
+    let expired = activity.expired(idle, send);
+    tokio::pin!(expired);
+    let mut closing = false;
+    // After an idle verdict: HTTP/2's graceful close waits for the client
+    // (a PING answer, streams it no longer reads), so it gets a bound.
+    let hard_stop = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(hard_stop);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stopping.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            verdict = &mut expired, if !closing => {
+                state.metrics.connections_closed.with_label_values(&[verdict.label()]).inc();
+                tracing::debug!(reason = verdict.label(), "closing client connection");
+                match verdict {
+                    Verdict::Idle => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                        hard_stop.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                    }
+                    // Dropping the connection closes the socket.
+                    Verdict::Stalled => return Ok(()),
+                }
+            }
+            _ = &mut hard_stop => return Ok(()),
+        }
     }
 }
 
