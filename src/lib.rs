@@ -18,7 +18,8 @@
 //!   ([`upstream::auth`]), redirects with an SSRF guard.
 //! - [`cache`]: the store on disk ([`cache::store`]), the LRU index
 //!   ([`cache::index`]), single-flight downloads with streaming followers
-//!   ([`cache::flight`]), and the one module with `unsafe` ([`cache::mmap`]).
+//!   ([`cache::flight`]), which registries may read private content
+//!   ([`cache::provenance`]), and the one module with `unsafe` ([`cache::mmap`]).
 //! - [`coalesce`]: one upstream call for many identical concurrent requests.
 //! - [`state`]: the shared [`state::AppState`].
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.

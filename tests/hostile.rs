@@ -8,7 +8,10 @@
 //! and HEADs; private registries off the anonymous path-style route, with
 //! every access logged; idle HTTP/2 connections closed by the idle timeout,
 //! clients that stop reading (HTTP/1 socket full, HTTP/2 window never
-//! reopened) cut off by the send timeout.
+//! reopened) cut off by the send timeout; content cached through a private
+//! registry not handed out (from the cache or a download in flight) through
+//! another registry until that registry's upstream proved it has it, also
+//! after a restart.
 //!
 //! Everything runs against the real binary on 127.0.0.1; counts and times
 //! are bounded, and time limits are generous "no hang" bounds, never
@@ -985,5 +988,338 @@ async fn private_registries_are_off_the_anonymous_path_style_route() {
             .count(),
         3,
         "{log}"
+    );
+}
+
+/// Two mirrored registries with distribution origins behind counting
+/// proxies: `private.example` (private, holding `team/app:1`) and
+/// `public.example` (without it), plus `private2.example` (private, other
+/// content).
+struct Provenance {
+    image: Image,
+    public_origin: Origin,
+    private: CountingProxy,
+    public: CountingProxy,
+    private2: CountingProxy,
+    cfg: tempfile::TempDir,
+    _origins: Vec<Origin>,
+}
+
+impl Provenance {
+    async fn start(image: Image) -> Provenance {
+        let (private_origin, public_origin, private2_origin) = (
+            Origin::start().await,
+            Origin::start().await,
+            Origin::start().await,
+        );
+        content::push_image(&private_origin.url(), "team/app", "1", &image)
+            .await
+            .unwrap();
+        let other = content::build_image(75, 1, 16 * 1024, MediaKind::Oci, "amd64");
+        content::push_image(&private2_origin.url(), "team/app", "1", &other)
+            .await
+            .unwrap();
+        let private = CountingProxy::start(&private_origin.url()).await;
+        let public = CountingProxy::start(&public_origin.url()).await;
+        let private2 = CountingProxy::start(&private2_origin.url()).await;
+        let cfg = tempfile::tempdir().unwrap();
+        std::fs::write(
+            cfg.path().join("berth.toml"),
+            format!(
+                "[registries.\"private.example\"]\nurl = \"{}\"\nprivate = true\n\n\
+                 [registries.\"public.example\"]\nurl = \"{}\"\n\n\
+                 [registries.\"private2.example\"]\nurl = \"{}\"\nprivate = true\n",
+                private.url(),
+                public.url(),
+                private2.url()
+            ),
+        )
+        .unwrap();
+        Provenance {
+            image,
+            public_origin,
+            private,
+            public,
+            private2,
+            cfg,
+            _origins: vec![private_origin, private2_origin],
+        }
+    }
+
+    async fn berth(&self, cache: &std::path::Path) -> Berth {
+        let cfg = self.cfg.path().join("berth.toml");
+        Berth::start_with_dir(cache, &["--config", cfg.to_str().unwrap()]).await
+    }
+}
+
+fn head_req(target: &str) -> Vec<u8> {
+    format!("HEAD {target} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+fn refusals(metrics: &str, registry: &str, reason: &str) -> u64 {
+    let (registry, reason) = (
+        format!("registry=\"{registry}\""),
+        format!("reason=\"{reason}\""),
+    );
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("berth_private_refusals_total{"))
+        .filter(|l| l.contains(&registry) && l.contains(&reason))
+        .find_map(|l| l.rsplit(' ').next()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Content pulled through a private registry is cached by digest, but a
+/// request naming another registry gets it only once that registry's
+/// upstream answered a HEAD for it; the record survives a restart, and a
+/// public registry that has the content makes it public.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_private_content_needs_upstream_proof_through_another_registry() {
+    if !tools::require("docker-registry") {
+        return;
+    }
+    let image = content::build_image(74, 1, 64 * 1024, MediaKind::Oci, "amd64");
+    let env = Provenance::start(image).await;
+    let (layer, manifest) = (&env.image.layers[0], &env.image.manifest_digest);
+    let cache = tempfile::tempdir().unwrap();
+    let berth = env.berth(cache.path()).await;
+    let a = berth.addr();
+
+    // Pulled through the private registry, containerd's way.
+    let (st, head, _) = raw(&a, &get("/v2/team/app/manifests/1?ns=private.example", "")).await;
+    assert_eq!(st, 200, "{head}");
+    let private_blob = format!("/v2/team/app/blobs/{}?ns=private.example", layer.digest);
+    let (st, head, body) = raw(&a, &get(&private_blob, "")).await;
+    assert_eq!(st, 200, "{head}");
+    assert_eq!(body, layer.bytes.as_ref());
+    for d in [&layer.digest, manifest] {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        let record = cache.path().join("private/sha256").join(hex);
+        let text = std::fs::read_to_string(&record).unwrap();
+        assert_eq!(text.trim(), "private.example", "{}", record.display());
+    }
+
+    // The same digests named through the public registry (path-style,
+    // anonymous): its origin does not have them, so nothing is served.
+    let blob_path = format!("/v2/public.example/team/app/blobs/{}", layer.digest);
+    let manifest_path = format!("/v2/public.example/team/app/manifests/{manifest}");
+    let refuse_all = |env: &Provenance, a: &str, round: usize| {
+        let (blob_path, manifest_path, a) =
+            (blob_path.clone(), manifest_path.clone(), a.to_owned());
+        let layer_bytes = layer.bytes.clone();
+        let (heads_before, manifests_before) = (
+            env.public.count("HEAD", &layer.digest),
+            env.public.count("HEAD", manifest),
+        );
+        async move {
+            let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
+            assert_eq!(
+                (st, code_of(&body).as_str()),
+                (404, "BLOB_UNKNOWN"),
+                "round {round}: {head}"
+            );
+            assert!(!body.windows(64).any(|w| layer_bytes.starts_with(w)));
+            let (st, _, body) = raw(&a, &head_req(&blob_path)).await;
+            assert_eq!((st, body.len()), (404, 0), "round {round}: HEAD");
+            let (st, head, body) = raw(&a, &get(&manifest_path, "")).await;
+            assert_eq!(
+                (st, code_of(&body).as_str()),
+                (404, "MANIFEST_UNKNOWN"),
+                "round {round}: {head}"
+            );
+            (heads_before, manifests_before)
+        }
+    };
+    let (blob_heads, manifest_heads) = refuse_all(&env, &a, 1).await;
+    assert_eq!(
+        env.public.count("HEAD", &layer.digest),
+        blob_heads + 2,
+        "{:?}",
+        env.public.requests()
+    );
+    assert_eq!(env.public.count("HEAD", manifest), manifest_heads + 1);
+    assert_eq!(
+        env.public.blob_gets(),
+        0,
+        "nothing is downloaded for a refusal"
+    );
+    assert_eq!(env.public.manifest_gets(), 0);
+    let log = berth.log();
+    assert!(
+        log.contains(
+            "refused cached private content to a registry that did not prove it serves it"
+        ),
+        "{log}"
+    );
+    let (_, _, metrics) = raw(&a, &get("/metrics", "")).await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert_eq!(
+        refusals(&metrics, "public.example", "not_found"),
+        3,
+        "{metrics}"
+    );
+
+    // Another private registry, selected with ?ns=, with other content.
+    for target in [
+        format!("/v2/team/app/blobs/{}?ns=private2.example", layer.digest),
+        format!("/v2/team/app/manifests/{manifest}?ns=private2.example"),
+    ] {
+        let (st, head, body) = raw(&a, &get(&target, "")).await;
+        assert_eq!(st, 404, "{target}: {head}");
+        assert!(matches!(
+            code_of(&body).as_str(),
+            "BLOB_UNKNOWN" | "MANIFEST_UNKNOWN"
+        ));
+    }
+    assert_eq!(env.private2.count("HEAD", &layer.digest), 1);
+    assert_eq!(env.private2.count("HEAD", manifest), 1);
+    assert_eq!(env.private2.blob_gets(), 0);
+
+    // The private registry itself is served from the cache.
+    env.private.reset();
+    let (st, _, body) = raw(&a, &get(&private_blob, "")).await;
+    assert_eq!((st, body.as_slice()), (200, layer.bytes.as_ref()));
+    assert_eq!(env.private.requests().len(), 0);
+
+    // A public upstream that refuses berth, or cannot be reached: still
+    // nothing (fail closed).
+    env.public.set_fail_all(Some(403));
+    let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
+    assert_eq!((st, code_of(&body).as_str()), (403, "DENIED"), "{head}");
+    env.public.set_fail_all(None);
+    env.public.set_refuse(true);
+    let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
+    assert!(matches!(st, 502..=504), "{head}");
+    assert!(!code_of(&body).is_empty());
+    env.public.set_refuse(false);
+    let (_, _, metrics) = raw(&a, &get("/metrics", "")).await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let count = |registry, reason| refusals(&metrics, registry, reason);
+    assert_eq!(count("public.example", "denied"), 1, "{metrics}");
+    assert_eq!(count("public.example", "unavailable"), 1, "{metrics}");
+    assert_eq!(count("private2.example", "not_found"), 2, "{metrics}");
+
+    // The records survive a restart on the same cache (and the public
+    // endpoint's circuit breaker, opened above, starts closed).
+    berth.stop();
+    let berth = env.berth(cache.path()).await;
+    let a = berth.addr();
+    let (blob_heads, _) = refuse_all(&env, &a, 2).await;
+    assert_eq!(env.public.count("HEAD", &layer.digest), blob_heads + 2);
+    assert_eq!(env.public.blob_gets(), 0);
+    let (st, _, body) = raw(&a, &get(&private_blob, "")).await;
+    assert_eq!((st, body.as_slice()), (200, layer.bytes.as_ref()));
+    assert_eq!(
+        env.private.requests().len(),
+        0,
+        "still served from the cache"
+    );
+
+    // The public origin gets the same image: now the public registry proves
+    // it has the content with one HEAD each, and the bytes come from the
+    // cache (no blob or manifest GET upstream).
+    content::push_image(&env.public_origin.url(), "team/app", "1", &env.image)
+        .await
+        .unwrap();
+    env.public.reset();
+    let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
+    assert_eq!(st, 200, "{head}");
+    assert_eq!(body, layer.bytes.as_ref());
+    let (st, head, body) = raw(&a, &get(&manifest_path, "")).await;
+    assert_eq!(st, 200, "{head}");
+    assert_eq!(body, env.image.manifest_bytes.as_ref());
+    assert_eq!(env.public.count("HEAD", &layer.digest), 1);
+    assert_eq!(env.public.count("HEAD", manifest), 1);
+    assert_eq!((env.public.blob_gets(), env.public.manifest_gets()), (0, 0));
+    // Evidently public: the records are gone, and nobody needs a proof now.
+    for d in [&layer.digest, manifest] {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        assert!(!cache.path().join("private/sha256").join(hex).exists());
+    }
+    env.public.reset();
+    let (st, _, _) = raw(&a, &get(&blob_path, "")).await;
+    assert_eq!(st, 200);
+    assert_eq!(env.public.requests().len(), 0);
+}
+
+/// While a private registry's download of a large blob is in flight, a
+/// request for the digest through the public registry does not join it
+/// (its origin lacks the blob); once the public origin has it, the request
+/// joins the same download (no second one) and gets the exact bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_download_in_flight_is_not_joined_without_upstream_proof() {
+    if !tools::require("docker-registry") {
+        return;
+    }
+    let big = content::Blob::new(
+        "application/octet-stream",
+        content::pseudo_random_bytes(76, 8 << 20),
+    );
+    let image = content::image_from_parts(
+        MediaKind::Oci.manifest_type(),
+        content::build_image(77, 1, 4 * 1024, MediaKind::Oci, "amd64").config,
+        vec![big.clone()],
+        "amd64",
+        "linux",
+        None,
+    );
+    let env = Provenance::start(image).await;
+    let cache = tempfile::tempdir().unwrap();
+    let berth = env.berth(cache.path()).await;
+    let a = berth.addr();
+    env.private.hold_blob_after(Some(1 << 20));
+    let private_pull = {
+        let (a, target) = (
+            a.clone(),
+            format!("/v2/team/app/blobs/{}?ns=private.example", big.digest),
+        );
+        tokio::spawn(async move { raw(&a, &get(&target, "")).await })
+    };
+    env.private.wait_blob_bytes(1 << 20, PATIENCE).await;
+
+    let public_path = format!("/v2/public.example/team/app/blobs/{}", big.digest);
+    let (st, head, body) = raw(&a, &get(&public_path, "")).await;
+    assert_eq!(
+        (st, code_of(&body).as_str()),
+        (404, "BLOB_UNKNOWN"),
+        "{head}"
+    );
+    assert!(body.len() < 4096, "none of the download's bytes");
+    let (st, _, _) = raw(&a, &head_req(&public_path)).await;
+    assert_eq!(st, 404);
+    assert_eq!(env.public.count("HEAD", &big.digest), 2);
+    assert!(
+        !private_pull.is_finished(),
+        "the private download is still held"
+    );
+
+    // The public origin gets the blob while the download is still held: the
+    // public request proves it and joins the one download.
+    content::RegistryClient::new(&env.public_origin.url())
+        .push_blob("team/app", &big)
+        .await
+        .unwrap();
+    let public_pull = {
+        let (a, target) = (a.clone(), public_path.clone());
+        tokio::spawn(async move { raw(&a, &get(&target, "")).await })
+    };
+    until(
+        "the public request proved its registry has the blob",
+        || env.public.count("HEAD", &big.digest) == 3,
+    )
+    .await;
+    env.private.hold_blob_after(None);
+    let (st, head, body) = private_pull.await.unwrap();
+    assert_eq!((st, body.len()), (200, big.bytes.len()), "{head}");
+    assert!(body == big.bytes.as_ref());
+    let (st, head, body) = public_pull.await.unwrap();
+    assert_eq!(st, 200, "{head}");
+    assert!(body == big.bytes.as_ref());
+    assert_eq!(env.private.blob_gets(), 1, "one download");
+    assert_eq!(env.public.blob_gets(), 0);
+    let hex = big.digest.strip_prefix("sha256:").unwrap();
+    assert!(
+        !cache.path().join("private/sha256").join(hex).exists(),
+        "a public registry has it: not private"
     );
 }

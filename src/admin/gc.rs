@@ -3,6 +3,7 @@
 //! older than `--retention` / `retention`, and say what went, with the
 //! images it belonged to. Tag records stay (they are tiny, and keep saying
 //! where a tag pointed); `berth ls` shows such images as not complete.
+//! Provenance records of private content no longer cached are removed.
 //! Needs the cache's lock.
 
 use std::collections::HashMap;
@@ -50,6 +51,14 @@ fn gc(args: &GcArgs) -> Result<(), AdminError> {
     let cache =
         Cache::open(dir, u64::MAX, config.pins.clone()).map_err(|e| AdminError::io(dir, e))?;
     let removed = collect(&cache, config.retention, args.dry_run)?;
+    if !args.dry_run {
+        // No daemon runs (the lock), so no download is in progress: a
+        // record without its content protects nothing.
+        cache
+            .provenance
+            .prune(|d| cache.store.blob_path(d).exists())
+            .map_err(|e| AdminError::io(dir, e))?;
+    }
     let verb = if args.dry_run {
         "would remove"
     } else {

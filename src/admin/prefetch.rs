@@ -374,7 +374,7 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
     // Everything is in: manifests (children first), then the tag.
     for (m, cached) in images.iter().chain(std::iter::once(&root)) {
         if !cached {
-            store_manifest(ctx, m).await?;
+            store_manifest(ctx, &up, m).await?;
         }
     }
     let rec = TagRecord::now(
@@ -428,9 +428,9 @@ async fn manifest(
     ))
 }
 
-async fn store_manifest(ctx: &Ctx, m: &Manifest) -> Result<(), Failure> {
-    let (st, m) = (ctx.state.clone(), m.clone());
-    tokio::task::spawn_blocking(move || st.cache.put_manifest(&m))
+async fn store_manifest(ctx: &Ctx, up: &Upstream, m: &Manifest) -> Result<(), Failure> {
+    let (st, m, origin) = (ctx.state.clone(), m.clone(), up.origin());
+    tokio::task::spawn_blocking(move || st.cache.put_manifest(&m, &origin))
         .await
         .map_err(|e| Failure::Failed(format!("storing a manifest: {e}")))??;
     Ok(())
@@ -494,10 +494,8 @@ async fn fetch_blob(
             })
         }
     };
-    let (flight, leader) = match cache
-        .flights
-        .join(&blob.digest, cache.publisher(), opener)?
-    {
+    let publish = cache.publisher(up.origin());
+    let (flight, leader) = match cache.flights.join(&blob.digest, publish, opener)? {
         Joined::Leader(f) => (f, true),
         Joined::Follower(f) => (f, false),
         Joined::Published => return Ok(false),

@@ -17,6 +17,10 @@
 //!
 //! If the upstream body breaks, the fetch resumes with `Range: bytes=N-`
 //! (bounded attempts) and readers do not notice.
+//!
+//! A flight through a private registry is marked in the provenance records
+//! before it can be joined, and its record is on disk before the blob is
+//! published (see [`super::provenance`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,6 +36,7 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use super::index::Index;
+use super::provenance::{Origin, Pending, Provenance};
 use super::store::Store;
 use crate::error::Error;
 use crate::registry::digest::Digester;
@@ -218,6 +223,10 @@ pub struct Publish {
     pub store: Arc<Store>,
     /// The index to record the result in (and reserve space from).
     pub index: Arc<Index>,
+    /// Provenance records of private content.
+    pub provenance: Arc<Provenance>,
+    /// The registry the download goes through.
+    pub origin: Origin,
 }
 
 /// Whether the caller started the flight or joined one.
@@ -258,6 +267,9 @@ impl Flights {
             let _ = std::fs::remove_file(&tmp);
             return Ok(Joined::Published);
         }
+        // Before anyone can join: followers through other registries are
+        // checked against this mark (memory only, no I/O under the lock).
+        let pending = publish.provenance.begin(digest, &publish.origin);
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(State::Connecting);
         let flight = Arc::new(Flight {
@@ -271,7 +283,7 @@ impl Flights {
         let digest = digest.clone();
         let opener = opener();
         tokio::spawn(async move {
-            let result = run(&digest, file, &tmp, &tx, opener, &publish).await;
+            let result = run(&digest, file, &tmp, &tx, opener, &publish, pending.as_ref()).await;
             // Leave the table first: a request arriving after this sees the
             // index (on success) or starts a fresh flight (on failure).
             flights.map.lock().expect("flights lock").remove(&digest);
@@ -281,6 +293,9 @@ impl Flights {
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
+                    if let Some(p) = pending {
+                        publish.provenance.abandon(p);
+                    }
                     if let Error::Io(io) = &e {
                         publish.store.note_write_error(io);
                     }
@@ -321,6 +336,7 @@ async fn run(
     state: &watch::Sender<State>,
     mut opener: Opener,
     publish: &Publish,
+    pending: Option<&Pending>,
 ) -> Result<u64, Error> {
     // Bounded so a slow disk or hasher applies back-pressure to the
     // download instead of buffering it in memory.
@@ -347,6 +363,13 @@ async fn run(
         (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
         (Ok(()), Ok(size)) => size,
     };
+    if let Some(p) = pending {
+        // The record is durable before the blob is visible.
+        let (prov, p) = (publish.provenance.clone(), p.clone());
+        tokio::task::spawn_blocking(move || prov.commit(&p))
+            .await
+            .map_err(|e| Error::Internal(format!("provenance task: {e}")))??;
+    }
     let (store, tmp_owned, d) = (publish.store.clone(), PathBuf::from(tmp), digest.clone());
     let ino = tokio::task::spawn_blocking(move || store.publish(&tmp_owned, &d))
         .await
@@ -355,6 +378,19 @@ async fn run(
     // blobs/, so the disk never held more than was accounted).
     drop(reservation);
     publish.index.insert(digest.clone(), size, ino);
+    if !publish.origin.private && publish.provenance.learns(digest, &publish.origin) {
+        // A public registry served it: it is not private content. A record
+        // left behind by an error only costs a HEAD later.
+        let (prov, d, origin) = (
+            publish.provenance.clone(),
+            digest.clone(),
+            publish.origin.clone(),
+        );
+        let done = tokio::task::spawn_blocking(move || prov.served_by(&d, &origin)).await;
+        if let Ok(Err(error)) = done {
+            tracing::warn!(%digest, %error, "could not drop a provenance record");
+        }
+    }
     Ok(size)
 }
 

@@ -1,9 +1,11 @@
 //! The cache facade: published content (mmap-served), manifests with their
-//! media types, tag records, and the single-flight table for misses.
+//! media types, tag records, the single-flight table for misses, and the
+//! provenance of private content.
 
 pub mod flight;
 pub mod index;
 pub mod mmap;
+pub mod provenance;
 pub mod store;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use crate::pins::Rules;
 use crate::registry::{Digest, RegistryHost, Repository, Tag};
 use flight::Flights;
 use index::Index;
+use provenance::{Origin, Provenance};
 use store::Store;
 
 /// A manifest ready to serve.
@@ -85,6 +88,8 @@ pub struct Cache {
     pub index: Arc<Index>,
     /// Downloads in progress.
     pub flights: Arc<Flights>,
+    /// Which registries are known to serve private content.
+    pub provenance: Arc<Provenance>,
     /// Small in-memory copies of hot manifests (bounded, 64 MiB).
     manifests: moka::sync::Cache<Digest, Manifest>,
     /// Tag records read from disk or written recently.
@@ -160,6 +165,7 @@ impl Cache {
             tracing::info!(digests = pinned.len(), "pinned content found");
         }
         index.load(scanned, pinned);
+        let provenance = Arc::new(Provenance::load(store.clone())?);
         tracing::info!(
             blobs = n,
             bytes = index.weighted_bytes(),
@@ -170,6 +176,7 @@ impl Cache {
             store,
             index,
             flights: Arc::new(Flights::default()),
+            provenance,
             manifests: moka::sync::Cache::builder()
                 .max_capacity(64 << 20)
                 .weigher(|_, m: &Manifest| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
@@ -237,18 +244,22 @@ impl Cache {
         Ok(Some(m))
     }
 
-    /// Store verified manifest bytes under their digest. Out of space is
-    /// not an error: the manifest is served without being cached.
-    pub fn put_manifest(&self, m: &Manifest) -> Result<()> {
-        match self.store_manifest(m) {
+    /// Store verified manifest bytes, fetched through `origin`, under their
+    /// digest (a private origin is recorded first, see [`provenance`]). Out
+    /// of space is not an error: the manifest is served without being cached.
+    pub fn put_manifest(&self, m: &Manifest, origin: &Origin) -> Result<()> {
+        match self.store_manifest(m, origin) {
             Err(Error::Io(e)) if self.store.note_write_error(&e) => Ok(()),
             other => other,
         }
     }
 
-    fn store_manifest(&self, m: &Manifest) -> Result<()> {
+    fn store_manifest(&self, m: &Manifest, origin: &Origin) -> Result<()> {
         if Digest::of(&m.bytes) != m.digest {
             return Err(Error::Internal("put_manifest with a wrong digest".into()));
+        }
+        if origin.private {
+            self.provenance.grant(&m.digest, &origin.registry)?;
         }
         self.store.write_media_type(&m.digest, &m.media_type)?;
         let ino = self.store.publish_bytes(&m.digest, &m.bytes)?;
@@ -258,6 +269,13 @@ impl Cache {
         if self.index.is_pinned(&m.digest) {
             // A pinned manifest arrived: pin what it references too.
             self.index.pin(closure(&self.store, vec![m.digest.clone()]));
+        }
+        if !origin.private {
+            // Served by a public registry: not private content (a record
+            // left behind by an error only costs a HEAD later).
+            if let Err(error) = self.provenance.served_by(&m.digest, origin) {
+                tracing::warn!(digest = %m.digest, %error, "could not drop a provenance record");
+            }
         }
         Ok(())
     }
@@ -339,11 +357,13 @@ impl Cache {
         (n, bytes)
     }
 
-    /// What a fetch task needs to publish into this cache.
-    pub fn publisher(&self) -> flight::Publish {
+    /// What a fetch task through `origin` needs to publish into this cache.
+    pub fn publisher(&self, origin: Origin) -> flight::Publish {
         flight::Publish {
             store: self.store.clone(),
             index: self.index.clone(),
+            provenance: self.provenance.clone(),
+            origin,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! <root>/blobs/sha256/<ab>/<hex>       content (blobs and manifests), published by rename only
 //! <root>/manifests/sha256/<ab>/<hex>   the media type of a manifest stored in blobs/
 //! <root>/tags/<registry>/<repo>/_tags/<tag>   tag -> digest record (JSON)
+//! <root>/private/sha256/<hex>         registries known to serve private content (see provenance)
 //! <root>/tmp/                          in-progress downloads; emptied at start
 //! ```
 //! `_tags` cannot collide with a repository component: those start with
@@ -53,7 +54,13 @@ impl Store {
     /// Open (creating if needed) a cache directory and remove leftovers of
     /// interrupted downloads.
     pub fn open(root: &Path) -> io::Result<Store> {
-        for sub in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
+        for sub in [
+            "blobs/sha256",
+            "manifests/sha256",
+            "tags",
+            "tmp",
+            "private/sha256",
+        ] {
             fs::create_dir_all(root.join(sub))?;
         }
         let store = Store {
@@ -283,6 +290,52 @@ impl Store {
                 if let Some(bytes) = read_optional(&path)? {
                     out.push((reg, repo, tag, bytes));
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    fn private_dir(&self) -> PathBuf {
+        self.root.join("private").join("sha256")
+    }
+
+    /// Replace the provenance record of private content `d` durably: tmp,
+    /// fsync, rename, then fsync the directory, so the record is on disk
+    /// before the content it protects is published.
+    pub fn write_private(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
+        let dir = self.private_dir();
+        self.write_atomic(&dir.join(d.hex()), bytes)?;
+        File::open(&dir)?.sync_all()
+    }
+
+    /// Remove the provenance record of `d` (absent is fine).
+    pub fn remove_private(&self, d: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.private_dir().join(d.hex())) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every provenance record: (digest, bytes). A cache without the
+    /// directory has none; files not named by a digest are skipped.
+    pub fn private_records(&self) -> io::Result<Vec<(Digest, Vec<u8>)>> {
+        let entries = match fs::read_dir(self.private_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            if let Some(bytes) = read_optional(&entry.path())? {
+                out.push((digest, bytes));
             }
         }
         Ok(out)

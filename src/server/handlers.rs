@@ -1,6 +1,8 @@
 //! The registry API: ping, manifests (tag TTL, HEAD revalidation, stale on
 //! upstream failure), blobs (mapped hits, single-flight misses, Range), and
-//! pass-through of tag lists and referrers.
+//! pass-through of tag lists and referrers. Content that came through a
+//! private registry is only handed out through a registry that proved it
+//! serves it ([`vouch`], model in [`crate::cache::provenance`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use super::response::{self, value, Body, CacheResult};
 use super::route::Target;
 use super::uncached;
 use crate::cache::flight::{Joined, Opener};
+use crate::cache::provenance::Access;
 use crate::cache::store::is_out_of_space;
 use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
@@ -106,6 +109,7 @@ pub async fn manifest(
     let tag = match reference {
         Reference::Digest(d) => {
             if let Some(m) = state.cache.manifest(&d)? {
+                vouch(state, t, &d, Kind::Manifest).await?;
                 return Ok(manifest_response(&m, t, head, CacheResult::Hit));
             }
             let upstream = upstream_for(state, t)?;
@@ -128,6 +132,7 @@ pub async fn manifest(
     if let Some(rec) = rec.as_ref().filter(|r| r.age() < state.config.tag_ttl) {
         if let Some(d) = rec.digest() {
             if let Some(m) = state.cache.manifest(&d)? {
+                vouch(state, t, &d, Kind::Manifest).await?;
                 return Ok(manifest_response(&m, t, head, CacheResult::Hit));
             }
             if head {
@@ -145,6 +150,7 @@ pub async fn manifest(
             let Some(rec) = rec else { return Err(e) };
             if let Some(d) = rec.digest() {
                 if let Some(m) = state.cache.manifest(&d)? {
+                    vouch(state, t, &d, Kind::Manifest).await?;
                     tracing::warn!(registry = %t.registry, repo = %t.repo, tag = %tag, error = %e,
                         age = ?rec.age(), "upstream failed; serving the last known tag from cache");
                     state
@@ -209,6 +215,8 @@ async fn revalidate(
         Ok(h) => h,
     };
     let d = h.digest.clone().expect("matched above");
+    // The registry just said the tag is `d`: it serves `d`.
+    note_served(state, &d, upstream).await;
     if let Some(m) = state.cache.manifest(&d)? {
         record(&m)?;
         return Ok(manifest_response(&m, t, head, CacheResult::Hit));
@@ -242,7 +250,7 @@ async fn fetch_manifest(
     expect: Option<Digest>,
 ) -> Result<(Manifest, bool)> {
     let key = (t.registry.clone(), t.repo.clone(), reference.clone());
-    let (st, repo) = (state.clone(), t.repo.clone());
+    let (st, repo, origin) = (state.clone(), t.repo.clone(), upstream.origin());
     let (res, joined) = state
         .manifest_fetches
         .run(key, move || async move {
@@ -256,7 +264,7 @@ async fn fetch_manifest(
                 media_type: media_type.into(),
             };
             let (st2, m2) = (st.clone(), m.clone());
-            tokio::task::spawn_blocking(move || st2.cache.put_manifest(&m2))
+            tokio::task::spawn_blocking(move || st2.cache.put_manifest(&m2, &origin))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
             Ok(m)
@@ -299,7 +307,7 @@ pub(super) fn ranged(
 }
 
 /// A cache hit: a slice of the mapped file, no copy.
-fn serve_hit(
+async fn serve_hit(
     state: &AppState,
     t: &Target,
     d: &Digest,
@@ -309,6 +317,7 @@ fn serve_hit(
     let Some(bytes) = state.cache.blob(d)? else {
         return Ok(None);
     };
+    vouch(state, t, d, Kind::Blob).await?;
     let size = bytes.len() as u64;
     let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
     let body = if head {
@@ -336,13 +345,16 @@ pub async fn blob(
     head: bool,
 ) -> Result<Response<Body>> {
     let range_header = headers.get(header::RANGE);
-    if let Some(resp) = serve_hit(state, t, d, range_header, head)? {
+    if let Some(resp) = serve_hit(state, t, d, range_header, head).await? {
         return Ok(resp);
     }
     let upstream = upstream_for(state, t)?;
     if head {
         let size = match state.cache.flights.get(d) {
-            Some(f) => f.size().await?,
+            Some(f) => {
+                vouch(state, t, d, Kind::Blob).await?;
+                f.size().await?
+            }
             None => upstream.head_blob(&t.repo, d).await?,
         };
         let (b, _, _) = ranged(t, d, parse_range(range_header, size)?, size);
@@ -355,15 +367,16 @@ pub async fn blob(
         return uncached::blob(state, &upstream, t, d, range_header).await;
     }
     let (repo, digest, u) = (t.repo.clone(), d.clone(), upstream.clone());
-    let joined = state
-        .cache
-        .flights
-        .join(d, state.cache.publisher(), move || -> Opener {
+    let joined = state.cache.flights.join(
+        d,
+        state.cache.publisher(upstream.origin()),
+        move || -> Opener {
             Box::new(move |offset| {
                 let (u, repo, digest) = (u.clone(), repo.clone(), digest.clone());
                 Box::pin(async move { u.open_blob(&repo, &digest, offset).await })
             })
-        });
+        },
+    );
     let joined = match joined {
         Err(Error::Io(e)) if is_out_of_space(&e) => {
             return uncached::blob(state, &upstream, t, d, range_header).await
@@ -372,9 +385,14 @@ pub async fn blob(
     };
     let (result, flight) = match joined {
         Joined::Leader(f) => (CacheResult::Miss, f),
-        Joined::Follower(f) => (CacheResult::Coalesced, f),
+        Joined::Follower(f) => {
+            // Someone else's download, possibly through a private registry.
+            vouch(state, t, d, Kind::Blob).await?;
+            (CacheResult::Coalesced, f)
+        }
         Joined::Published => {
-            return serve_hit(state, t, d, range_header, head)?
+            return serve_hit(state, t, d, range_header, head)
+                .await?
                 .ok_or_else(|| Error::Internal("published blob vanished".into()));
         }
     };
@@ -401,6 +419,78 @@ pub async fn blob(
     });
     let body = BodyExt::boxed_unsync(StreamBody::new(stream));
     Ok(with_result(b.body(body).expect("blob response"), result))
+}
+
+/// What [`vouch`] asks the upstream about.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Manifest,
+    Blob,
+}
+
+/// Before content `d` that is cached (or being downloaded) is handed to a
+/// request through `t.registry`: if it came through a private registry and
+/// `t.registry` is not known to serve it, `t.registry`'s upstream must
+/// answer a HEAD for it (with that registry's own credentials) first. 2xx:
+/// served, and remembered. Otherwise nothing is served: 404 is
+/// BLOB_UNKNOWN/MANIFEST_UNKNOWN as if not cached, 401/403 DENIED, an
+/// unreachable upstream its usual error (fail closed). Public content (no
+/// record) costs one lock-free map lookup.
+async fn vouch(state: &AppState, t: &Target, d: &Digest, kind: Kind) -> Result<()> {
+    if state.cache.provenance.access(d, &t.registry) != Access::Unproven {
+        return Ok(());
+    }
+    let upstream = upstream_for(state, t)?;
+    let proof = match kind {
+        Kind::Blob => upstream.head_blob(&t.repo, d).await.map(drop),
+        Kind::Manifest => {
+            let r = Reference::Digest(d.clone());
+            match upstream.head_manifest(&t.repo, &r).await {
+                // Some registries refuse HEAD on manifests: a verified GET proves it too.
+                Err(Error::UpstreamFailed(_)) => {
+                    upstream.get_manifest(&t.repo, &r, Some(d)).await.map(drop)
+                }
+                other => other.map(drop),
+            }
+        }
+    };
+    match proof {
+        Ok(()) => {
+            tracing::info!(target: "berth::private", registry = %t.registry, repo = %t.repo, digest = %d, ?kind, "registry proved it serves cached private content");
+            note_served(state, d, &upstream).await;
+            Ok(())
+        }
+        Err(e) => {
+            let reason = match &e {
+                e if e.is_not_found() => "not_found",
+                Error::UpstreamDenied(_) => "denied",
+                _ => "unavailable",
+            };
+            state
+                .metrics
+                .private_refusals
+                .with_label_values(&[t.registry.as_str(), reason])
+                .inc();
+            tracing::warn!(target: "berth::private", registry = %t.registry, repo = %t.repo, digest = %d, ?kind, reason, error = %e, "refused cached private content to a registry that did not prove it serves it");
+            Err(e)
+        }
+    }
+}
+
+/// `upstream` evidently serves `d`: update its provenance record, if any
+/// (on a blocking thread, and only when something changes). A failure to
+/// write only costs another proof later.
+async fn note_served(state: &AppState, d: &Digest, upstream: &Upstream) {
+    let origin = upstream.origin();
+    if !state.cache.provenance.learns(d, &origin) {
+        return;
+    }
+    let (st, d) = (state.clone(), d.clone());
+    let done =
+        tokio::task::spawn_blocking(move || st.cache.provenance.served_by(&d, &origin)).await;
+    if let Ok(Err(error)) = done {
+        tracing::warn!(target: "berth::private", %error, "could not update a provenance record");
+    }
 }
 
 /// Keep the in-flight gauge and mismatch counter current for a flight.

@@ -110,6 +110,8 @@ pub struct RegistryConfig {
     /// Content is private: only clients that select the registry with
     /// `?ns=` (containerd on this node) or present the client token may
     /// read it; path-style names are refused otherwise; every access is logged.
+    /// Its cached content is handed to requests through another registry
+    /// only once that registry proved it serves it (`cache::provenance`).
     pub private: bool,
 }
 

@@ -111,6 +111,15 @@ impl Upstream {
         })
     }
 
+    /// Where content fetched through this registry comes from (for the
+    /// provenance of private content).
+    pub fn origin(&self) -> crate::cache::provenance::Origin {
+        crate::cache::provenance::Origin {
+            registry: self.host.clone(),
+            private: self.private,
+        }
+    }
+
     /// Run `op` on each endpoint in order until one answers. Endpoints whose
     /// breaker is open are skipped without a request; if all are open, the
     /// last error (or "all endpoints unavailable") comes back at once.
