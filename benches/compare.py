@@ -69,7 +69,6 @@ RESULTS_DIR = REPO_ROOT / "benches" / "results"
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 REGISTRY_BIN = "docker-registry"
 REPO = "library/bench"
 TAG = "latest"
@@ -186,13 +185,27 @@ def children_of(pid):
     return out
 
 
-def cpu_seconds(pids):
-    total = 0
+def cpu_ns_by_task(pids):
+    """{(pid, tid): nanoseconds on CPU} from /proc/PID/task/TID/schedstat.
+    utime+stime come in 10 ms ticks, too coarse for a run of a few tenths of
+    a second; a thread that exits inside the window loses its share."""
+    out = {}
     for p in pids:
-        st = proc_stat(p)
-        if st:
-            total += st[1]
-    return total / CLK_TCK
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                with open(f"/proc/{p}/task/{t}/schedstat") as f:
+                    out[(p, t)] = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def cpu_seconds_between(before, after):
+    return sum(v - before.get(k, 0) for k, v in after.items()) / 1e9
 
 
 def mem_status(pid):
@@ -236,7 +249,7 @@ class Meter:
 
     def __enter__(self):
         self._sample()
-        self.cpu0 = cpu_seconds(self.pids)
+        self.cpu0 = cpu_ns_by_task(self.pids)
         self.t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -246,7 +259,7 @@ class Meter:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.cpu = cpu_seconds(self.pids) - self.cpu0
+        self.cpu = cpu_seconds_between(self.cpu0, cpu_ns_by_task(self.pids))
         self.elapsed = time.perf_counter() - self.t0
         return False
 

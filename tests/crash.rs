@@ -231,7 +231,18 @@ async fn kill_9_during_concurrent_ingests_never_leaves_corrupt_or_partial_conten
                     .await;
             }));
         }
-        let wait = Duration::from_millis(rng.between(150, 4000));
+        // Kill while the largest blob still missing from the cache is on
+        // its way (blobs finished in earlier rounds are hits now), so every
+        // round with something left to fetch interrupts a download.
+        let cached = published_and_intact(cache);
+        let largest_missing = blobs
+            .iter()
+            .filter(|b| !cached.iter().any(|d| b.digest.ends_with(d.as_str())))
+            .map(|b| b.bytes.len() as u64)
+            .max()
+            .unwrap_or(0);
+        let longest_ms = largest_missing * 1000 / rate;
+        let wait = Duration::from_millis(rng.between(150, (longest_ms * 8 / 10).max(151)));
         tokio::time::sleep(wait).await;
         let in_flight = proxy
             .requests()

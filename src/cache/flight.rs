@@ -8,7 +8,8 @@
 //! After every write it publishes the new length on a `watch` channel.
 //!
 //! Every client, the first one included, is a *reader* of the growing file:
-//! it `pread`s whatever has been written, then waits for more. A reader's
+//! it takes whatever has been written, as a slice of a mapping of the file
+//! (no copy; on plain TCP it leaves by `sendfile`), then waits for more. A reader's
 //! Range is served as soon as its offset is present. The last byte of the
 //! blob is held back until the digest has been verified, so no client can
 //! receive a complete but corrupt blob: on a mismatch or a final upstream
@@ -25,7 +26,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,8 +44,6 @@ use crate::registry::Digest;
 
 /// How many times a broken upstream body is resumed before the flight fails.
 pub const MAX_RESUMES: u32 = 3;
-/// Largest chunk a reader copies out of the growing file at once.
-const READ_CHUNK: u64 = 1 << 20;
 
 /// Where a flight stands; readers watch it.
 #[derive(Debug, Clone)]
@@ -151,7 +149,7 @@ struct Reader {
     state: watch::Receiver<State>,
     pos: u64,
     end: u64,
-    /// Once the flight is published, the rest is served from a mapping.
+    /// The file mapped at its final size; only written bytes are sliced.
     mapped: Option<Bytes>,
 }
 
@@ -178,27 +176,21 @@ impl Reader {
                 State::Streaming { written, .. } => written.min(self.end),
                 State::Connecting => 0,
             };
-            if let (State::Done { size }, true) = (&state, limit > self.pos) {
-                // Published: the file is now immutable, so the rest is a
-                // slice of a mapping instead of a copy (cache::mmap invariant).
+            if limit > self.pos {
+                // Every byte below `limit` is final: a slice of a mapping of
+                // the file, no copy (see the growing-file rule in cache::mmap).
                 if self.mapped.is_none() {
-                    self.mapped = Some(super::mmap::map(self.file.clone(), *size)?);
+                    self.mapped = Some(match state {
+                        State::Done { size } => super::mmap::map(self.file.clone(), size)?,
+                        State::Streaming { size, .. } => {
+                            super::mmap::map_growing(self.file.clone(), size)?
+                        }
+                        _ => unreachable!("nothing to read before the size is known"),
+                    });
                 }
                 let mapped = self.mapped.as_ref().expect("just mapped");
                 let chunk = mapped.slice(self.pos as usize..limit as usize);
                 self.pos = limit;
-                return Ok(Some(chunk));
-            }
-            if limit > self.pos {
-                let (pos, len) = (self.pos, (limit - self.pos).min(READ_CHUNK));
-                let file = self.file.clone();
-                let chunk = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, pos).map(|_| Bytes::from(buf))
-                })
-                .await
-                .map_err(std::io::Error::other)??;
-                self.pos += len;
                 return Ok(Some(chunk));
             }
             if self.state.changed().await.is_err()

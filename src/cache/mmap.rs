@@ -19,9 +19,20 @@
 //!
 //! Only files obtained from [`super::store::Store::open_published`], or a
 //! download's own file after its flight reached `Done` (it was verified and
-//! renamed into place, and its writer has finished), may be passed to [`map`]. Something outside berth writing into the cache
-//! directory breaks the invariant, as it would for any mmap-based cache;
-//! `berth verify` exists to find such damage.
+//! renamed into place, and its writer has finished), may be passed to [`map`].
+//!
+//! A download still in progress ([`map_growing`]) is mapped under a second
+//! rule: its temporary file has exactly one writer
+//! (`super::flight::write_loop`), which only appends; nothing truncates or
+//! rewrites it (an aborted download is unlinked, which leaves mappings
+//! intact). Readers slice such a mapping only below the length the writer
+//! announced after its `write` returned, so every byte they touch is final,
+//! and no page wholly beyond the current end of file (which would raise
+//! SIGBUS) is ever touched.
+//!
+//! Something outside berth writing into the cache directory breaks the
+//! invariant, as it would for any mmap-based cache; `berth verify` exists to
+//! find such damage.
 //!
 //! # From a slice back to its file
 //!
@@ -46,13 +57,26 @@ use memmap2::{Advice, Mmap};
 
 /// Map the first `len` bytes of a published cache file.
 pub fn map(file: Arc<File>, len: u64) -> io::Result<Bytes> {
+    map_file(file, len)
+}
+
+/// Map a download's temporary file at its final size `len` while it is
+/// being written. The caller slices only bytes below the length the writer
+/// has announced (the growing-file rule above).
+pub fn map_growing(file: Arc<File>, len: u64) -> io::Result<Bytes> {
+    map_file(file, len)
+}
+
+fn map_file(file: Arc<File>, len: u64) -> io::Result<Bytes> {
     if len == 0 {
         // mmap(2) refuses zero-length mappings.
         return Ok(Bytes::new());
     }
     let len = usize::try_from(len).map_err(|_| io::Error::other("file too large to map"))?;
     // SAFETY: `file` is a published, content-addressed cache file which no
-    // code path ever writes or truncates again (see the module invariant).
+    // code path ever writes or truncates again, or a download's file that
+    // is only appended to and whose unwritten tail is never touched (see
+    // the module invariant).
     let mmap = unsafe { memmap2::MmapOptions::new().len(len).map(&*file)? };
     // Hits are mostly read front to back: ask for aggressive read-ahead.
     let _ = mmap.advise(Advice::Sequential);
