@@ -10,7 +10,7 @@
 //! the SSRF guard on redirects into loopback, link-local, private, shared
 //! and IPv4-mapped addresses, given literally or as a host name that
 //! resolves there (berth's filtering resolver), with a proxy on a loopback
-//! name still usable.
+//! name still usable; credentials not sent along a redirect to another host.
 //!
 //! `ns=` naming an unconfigured registry (no upstream request at all) is
 //! covered by tests/bad_input.rs.
@@ -776,6 +776,63 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
     assert!(cached_path(&berth, &layer.digest).is_file());
 }
 
+/// Upstream credentials stay with their registry: a blob redirect to
+/// another host (a CDN) is followed without the Authorization header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_not_sent_along_a_redirect_to_another_host() {
+    let layer = Blob::new(
+        content::OCI_LAYER_GZIP,
+        content::pseudo_random_bytes(77, 300 * 1024),
+    );
+    let registry = Fake::start().await;
+    let cdn = Fake::start().await;
+    cdn.add_blob(&layer);
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("robot:s3cret-pass")
+    );
+    *registry.require_authorization.lock().unwrap() = Some(basic.clone());
+    registry.set_redirect(Some(&cdn.url()));
+    let config = format!(
+        "[registries.\"creds.example\"]\nurl = \"{}\"\nusername = \"robot\"\npassword = \"s3cret-pass\"\nprivate_redirects = true\n",
+        registry.url()
+    );
+    let (berth, _dir) = berth_with_config(&config, &[]).await;
+    let url = format!(
+        "{}/v2/team/app/blobs/{}?ns=creds.example",
+        berth.url(),
+        layer.digest
+    );
+    let (st, body) = fetch(&tools::http_client(), &url, None).await;
+    assert_eq!(st, 200);
+    assert_eq!(sha256(&body.unwrap()), layer.digest);
+    let at_registry = registry.seen();
+    assert!(
+        at_registry.iter().any(|s| s.path.contains("/blobs/")
+            && s.status == 307
+            && s.authorization.as_deref() == Some(basic.as_str())),
+        "the registry got the credentials: {:?}",
+        at_registry
+            .iter()
+            .map(|s| (&s.path, s.status))
+            .collect::<Vec<_>>()
+    );
+    let at_cdn = cdn.seen();
+    assert!(!at_cdn.is_empty(), "the redirect was followed");
+    for s in &at_cdn {
+        assert_eq!(
+            s.authorization, None,
+            "{} {} carried credentials to the CDN",
+            s.method, s.path
+        );
+    }
+    assert!(
+        !berth.log().contains("s3cret-pass"),
+        "the password reached berth's log"
+    );
+}
+
 /// A host name (not `localhost`, which the literal check already refuses)
 /// that resolves only to loopback addresses here, and the first of them:
 /// the machine's own name (in /etc/hosts as 127.0.0.1 or 127.0.1.1, or from
@@ -928,6 +985,8 @@ struct Seen {
     path: String,
     range: Option<String>,
     status: u16,
+    /// The request's Authorization header.
+    authorization: Option<String>,
 }
 
 #[derive(Default)]
@@ -942,6 +1001,9 @@ struct FakeState {
     cut_once: Mutex<Option<u64>>,
     corrupt_manifests: AtomicBool,
     seen: Mutex<Vec<Seen>>,
+    /// Answer requests without this exact Authorization value with a 401
+    /// Basic challenge.
+    require_authorization: Mutex<Option<String>>,
     /// TCP connections accepted.
     connections: AtomicUsize,
 }
@@ -1043,12 +1105,28 @@ fn fake_handle(
         .get("range")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let resp = fake_route(st, &method, &path, range.as_deref());
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let required = st.require_authorization.lock().unwrap().clone();
+    let resp = match required {
+        Some(want) if authorization.as_deref() != Some(want.as_str()) => hyper::Response::builder()
+            .status(401)
+            .header("www-authenticate", "Basic realm=\"fake\"")
+            .body(full(
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"auth"}]}"#,
+            ))
+            .unwrap(),
+        _ => fake_route(st, &method, &path, range.as_deref()),
+    };
     st.seen.lock().unwrap().push(Seen {
         method,
         path,
         range,
         status: resp.status().as_u16(),
+        authorization,
     });
     resp
 }

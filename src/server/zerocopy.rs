@@ -8,9 +8,14 @@
 //! distribution do: no copy through user space and no page faults on the
 //! mapping, which roughly halves the CPU a warm hit costs. The bytes are the
 //! same by the cache's invariant (published files are never written again).
-//! Everything else (headers, JSON, bytes of downloads still in flight) is
-//! written as usual, in one `writev` up to the first mapped slice. TLS
-//! connections encrypt in user space and do not use this path.
+//! Everything else (headers, JSON) is written as usual, in one `writev` up
+//! to the first mapped slice. TLS connections encrypt in user space and do
+//! not use this path.
+//!
+//! Like nginx's `tcp_nopush`, the socket is corked (`TCP_CORK`) while mapped
+//! content goes out and uncorked when hyper flushes: the kernel then sends
+//! full segments instead of one per page run (the connection keeps
+//! `TCP_NODELAY` for everything else).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -28,22 +33,35 @@ const MAX_SENDFILE: usize = 16 << 20;
 /// A TCP stream that sends mapped cache content with `sendfile(2)`.
 pub struct Zerocopy {
     inner: TcpStream,
+    corked: bool,
 }
 
 impl Zerocopy {
     /// Wrap an accepted connection.
     pub fn new(inner: TcpStream) -> Zerocopy {
-        Zerocopy { inner }
+        Zerocopy {
+            inner,
+            corked: false,
+        }
+    }
+
+    fn cork(&mut self, on: bool) {
+        if self.corked != on {
+            // Best effort: a failure only costs segment efficiency.
+            let _ = rustix::net::sockopt::set_tcp_cork(&self.inner, on);
+            self.corked = on;
+        }
     }
 
     fn poll_sendfile(
-        &self,
+        &mut self,
         cx: &mut Context<'_>,
         file: &std::fs::File,
         offset: u64,
         len: usize,
     ) -> Poll<io::Result<usize>> {
         let len = len.min(MAX_SENDFILE);
+        self.cork(true);
         loop {
             ready!(self.inner.poll_write_ready(cx))?;
             let mut at = offset;
@@ -112,10 +130,13 @@ impl AsyncWrite for Zerocopy {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Everything queued was written: send the last partial segment now.
+        self.cork(false);
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.cork(false);
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
