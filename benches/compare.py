@@ -1201,9 +1201,9 @@ def render(suite, meta):
     w(f"- load average at start: {meta['loadavg_start']}; at end: {meta['loadavg_end']} "
       "(other work on the machine makes the numbers noisy)")
     w("- values are **median [min–max]** over runs; clients are python threads on raw sockets, "
-      "on the same machine as the servers; CPU is server utime+stime from /proc/PID/stat "
-      "(nginx: master + workers; clock ticks of 10 ms, so small runs are coarse), memory is the "
-      "peak of 50 ms samples of /proc/PID/status.")
+      "on the same machine as the servers; CPU is the server's time on CPU summed over its "
+      "threads from /proc/PID/task/TID/schedstat (nanoseconds; nginx: master + workers), memory "
+      "is the peak of 50 ms samples of /proc/PID/status.")
     w("")
     targets = []
 

@@ -13,9 +13,12 @@
 //! - [`registry`]: OCI wire types (names, references, digests, media types,
 //!   the error envelope); pure and validated.
 //! - [`server`]: accept loop, routing ([`server::route`]), handlers, Range,
-//!   responses, access log.
+//!   responses, access log; `sendfile` for mapped content on plain TCP
+//!   ([`server::zerocopy`]); idle and stalled connections closed
+//!   ([`server::watchdog`]).
 //! - [`upstream`]: reqwest clients per registry, bearer/basic auth
-//!   ([`upstream::auth`]), redirects with an SSRF guard.
+//!   ([`upstream::auth`]), redirects and a filtering DNS resolver as the SSRF
+//!   guard ([`upstream::resolve`]).
 //! - [`cache`]: the store on disk ([`cache::store`]), the LRU index
 //!   ([`cache::index`]), single-flight downloads with streaming followers
 //!   ([`cache::flight`]), which registries may read private content
