@@ -532,8 +532,8 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default client idle timeout (nginx's `keepalive_timeout` is 75 s).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Default client send timeout (nginx's `send_timeout`); longer than the
-/// upstream read timeout, which bounds a wait for upstream bytes.
+/// Default client send timeout (nginx's `send_timeout`): how long a client
+/// may take none of a response's bytes (waiting for upstream never counts).
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A config problem, phrased for a person.

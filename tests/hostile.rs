@@ -337,6 +337,26 @@ async fn idle_http2_and_clients_that_stop_reading_are_closed() {
         .unwrap();
     let idle_h2 = tokio::spawn(closed_after(s, started));
 
+    // 1b. HTTP/2 with no request but a PING every 300 ms: control traffic
+    // does not keep a connection open.
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (_pinger_h2, mut pinger) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping_pong = pinger.ping_pong().expect("ping_pong taken once");
+    let pinging = tokio::spawn(async move {
+        let started = Instant::now();
+        let conn = tokio::spawn(async move {
+            let _ = pinger.await;
+        });
+        let mut pongs = 0u32;
+        while !conn.is_finished() {
+            if ping_pong.ping(h2::Ping::opaque()).await.is_ok() {
+                pongs += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        (started.elapsed(), pongs)
+    });
+
     // 2. HTTP/1.1: ask for the big blob, read a little, stop reading. A
     // small receive buffer (no autotuning) so that berth's writes block.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -402,14 +422,22 @@ async fn idle_http2_and_clients_that_stop_reading_are_closed() {
         .text()
         .await
         .unwrap();
-    // The HTTP/2 stream with a shut window counts as idle or stalled (hyper
-    // may already have handed the whole hit to the HTTP/2 layer).
-    assert!(closed_count(&metrics, "idle") >= 1, "{metrics}");
-    assert!(closed_count(&metrics, "stalled") >= 1, "{metrics}");
+    let (took, pongs) = tokio::time::timeout(PATIENCE, pinging)
+        .await
+        .expect("a pinging HTTP/2 connection was closed")
+        .unwrap();
     assert!(
-        closed_count(&metrics, "idle") + closed_count(&metrics, "stalled") >= 3,
-        "{metrics}"
+        pongs >= 3,
+        "the client pinged while it waited ({pongs} pongs)"
     );
+    assert!(
+        took >= IDLE - Duration::from_millis(500) && took < IDLE + Duration::from_secs(8),
+        "pinging HTTP/2 connection closed after {took:?}"
+    );
+    // Idle: the silent and the pinging HTTP/2 connections; stalled: the
+    // HTTP/1 reader and the HTTP/2 stream with a shut window.
+    assert!(closed_count(&metrics, "idle") >= 2, "{metrics}");
+    assert!(closed_count(&metrics, "stalled") >= 2, "{metrics}");
     // Still serving, the exact bytes.
     let r = http
         .get(format!("{}{path}", env.berth.url()))

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +44,10 @@ use crate::registry::Digest;
 
 /// How many times a broken upstream body is resumed before the flight fails.
 pub const MAX_RESUMES: u32 = 3;
+
+/// Largest slice a reader hands out at once (bounded body frames, see
+/// `server::response::FRAME`).
+const READ_CHUNK: u64 = 1 << 20;
 
 /// Where a flight stands; readers watch it.
 #[derive(Debug, Clone)]
@@ -189,6 +193,7 @@ impl Reader {
                     });
                 }
                 let mapped = self.mapped.as_ref().expect("just mapped");
+                let limit = limit.min(self.pos + READ_CHUNK);
                 let chunk = mapped.slice(self.pos as usize..limit as usize);
                 self.pos = limit;
                 return Ok(Some(chunk));
@@ -442,7 +447,7 @@ fn writer_gone() -> Error {
 /// Blocking side: hash, write, announce progress; verify at the end.
 fn write_loop(
     mut rx: mpsc::Receiver<Msg>,
-    mut file: &File,
+    file: &File,
     state: &watch::Sender<State>,
     expected: &Digest,
 ) -> Result<u64, Error> {
@@ -457,7 +462,9 @@ fn write_loop(
             }
             Msg::Data(chunk) => {
                 hasher.update(&chunk);
-                file.write_all(&chunk)?;
+                // Positional: the file is shared with readers and sendfile,
+                // and the append-only rule must not depend on its offset.
+                file.write_all_at(&chunk, written)?;
                 written += chunk.len() as u64;
                 if let Some(s) = size {
                     state.send_replace(State::Streaming { size: s, written });

@@ -104,8 +104,9 @@ pub fn locate(slice: &[u8]) -> Option<(Arc<File>, u64)> {
     Some((mapped.file.clone(), (addr - start) as u64))
 }
 
-/// Live mappings by start address: copy-on-write, so lookups take no lock
-/// (mappings are made and dropped rarely: hot ones are reused).
+/// Live mappings by start address: copy-on-write, so lookups (one per
+/// socket write) take no lock; mappings are made once per hit blob (hot ones
+/// are reused) and once per reader of a download.
 static REGISTRY: LazyLock<ArcSwap<Registry>> = LazyLock::new(Default::default);
 
 /// Start address -> (length, the mapping).

@@ -328,7 +328,7 @@ async fn serve_hit(
             .served_bytes
             .with_label_values(&["cache"])
             .inc_by(end - start);
-        response::full(bytes.slice(start as usize..end as usize))
+        response::content(bytes.slice(start as usize..end as usize))
     };
     Ok(Some(with_result(
         b.body(body).expect("blob response"),

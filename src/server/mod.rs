@@ -185,11 +185,9 @@ where
 {
     let (idle, send) = (state.config.idle_timeout, state.config.send_timeout);
     tokio::pin!(conn);
-    let expired = activity.expired(idle, send);
-    tokio::pin!(expired);
     let mut closing = false;
-    // After an idle verdict: HTTP/2's graceful close waits for the client
-    // (a PING answer, streams it no longer reads), so it gets a bound.
+    // Once closing: HTTP/2's graceful close waits for the client (a PING
+    // answer, streams it opened meanwhile), so it gets a bound.
     let hard_stop = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(hard_stop);
     loop {
@@ -198,8 +196,11 @@ where
             _ = stopping.cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+                hard_stop.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_GRACE);
             }
-            verdict = &mut expired, if !closing => {
+            // Re-created each turn: the verdict is read from `activity`. A
+            // closing connection is still cut off when it stalls.
+            verdict = activity.expired(if closing { Duration::MAX / 4 } else { idle }, send) => {
                 state.metrics.connections_closed.with_label_values(&[verdict.label()]).inc();
                 tracing::debug!(reason = verdict.label(), "closing client connection");
                 match verdict {
@@ -212,7 +213,14 @@ where
                     Verdict::Stalled => return Ok(()),
                 }
             }
-            _ = &mut hard_stop => return Ok(()),
+            _ = &mut hard_stop => {
+                // A response still moving after an idle close keeps going
+                // (the stall rule still applies); shutdown's grace is final.
+                if stopping.is_cancelled() || activity.open() == 0 {
+                    return Ok(());
+                }
+                hard_stop.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
         }
     }
 }

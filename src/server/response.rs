@@ -4,8 +4,9 @@
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
+use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 
 use crate::error::Error;
 use crate::registry::error_code::Envelope;
@@ -18,6 +19,23 @@ pub fn full(bytes: Bytes) -> Body {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// Largest body frame handed to hyper for content (cache hits, downloads in
+/// progress): slices are free, and a bounded frame lets the send timeout
+/// tell a client that stopped reading from one that is merely slow
+/// ([`super::watchdog`]).
+pub const FRAME: usize = 1 << 20;
+
+/// Mapped (or in-memory) content as a body of [`FRAME`]-sized slices: no copy.
+pub fn content(bytes: Bytes) -> Body {
+    if bytes.len() <= FRAME {
+        return full(bytes);
+    }
+    let frames = (0..bytes.len())
+        .step_by(FRAME)
+        .map(move |at| Ok(Frame::data(bytes.slice(at..(at + FRAME).min(bytes.len())))));
+    StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
 }
 
 /// An empty body (HEAD, 204-like answers).

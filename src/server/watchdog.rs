@@ -10,18 +10,20 @@
 //!
 //! [`Activity`] is shared by a connection's I/O ([`Watched`]) and its
 //! responses ([`Tracked`] bodies) and decides:
-//! - **idle**: no request open and no byte read or written for the idle
-//!   timeout: the connection is shut down gracefully (HTTP/2 GOAWAY), as
-//!   nginx's `keepalive_timeout` does;
-//! - **stalled**: a response has bytes waiting that the client does not take
-//!   (a socket write has been blocked, or hyper holds a body frame it may
-//!   not send because the HTTP/2 window is shut) and nothing was written for
-//!   the send timeout: the connection is closed (nginx's `send_timeout`).
+//! - **stalled**: a response has bytes the client does not take: a socket
+//!   write has been blocked for the send timeout, or a body frame (at most
+//!   [`super::response::FRAME`], 1 MiB) handed to hyper has not been taken
+//!   for the send timeout (hyper asks for the next frame only once the last
+//!   one is nearly written; over HTTP/2 that needs the client to reopen its
+//!   flow-control window). The connection is closed. A client slower than one
+//!   frame per send timeout (17 KiB/s at the default) counts as stalled.
 //!   A response waiting for upstream holds no frame and blocks no write, so
-//!   it is never "stalled": the upstream timeouts bound that wait. (hyper
-//!   hands a cache hit to HTTP/2 as one frame and is done with the body, so
-//!   a hit whose window stays shut leaves a connection with nothing open and
-//!   nothing moving: the idle rule closes it.)
+//!   it is never "stalled": the upstream timeouts bound that wait.
+//! - **idle**: no request open, no write blocked, and no request begun or
+//!   finished and no frame handed out for the idle timeout: the connection
+//!   is shut down gracefully (HTTP/2 GOAWAY), as nginx's `keepalive_timeout`
+//!   does. Control traffic (HTTP/2 PINGs, SETTINGS, trickled headers) does
+//!   not count as activity, so it cannot keep a connection open.
 
 use std::io;
 use std::pin::Pin;
@@ -64,14 +66,15 @@ fn now_ms() -> u64 {
 /// What a connection is doing, updated lock-free by its I/O and bodies.
 #[derive(Debug)]
 pub struct Activity {
-    /// Last byte read or written (ms since [`EPOCH`]).
-    last_io: AtomicU64,
-    /// Last byte written, or last body frame handed to hyper.
-    last_sent: AtomicU64,
+    /// Last time a request began or ended or a body frame was handed out
+    /// (ms since [`EPOCH`]).
+    last_request: AtomicU64,
+    /// Last time a body frame was handed to hyper.
+    frame_at: AtomicU64,
     /// Requests being answered (handler running or body not yet dropped).
     open: AtomicUsize,
     /// Body frames handed to hyper and not yet followed by a request for
-    /// the next one: bytes waiting for the client (HTTP/2 flow control).
+    /// the next one: bytes waiting for the client.
     pending_frames: AtomicUsize,
     /// When a socket write last returned "would block" without a write
     /// succeeding since (0: not blocked).
@@ -83,22 +86,19 @@ impl Activity {
     pub fn new() -> Arc<Activity> {
         let now = now_ms();
         Arc::new(Activity {
-            last_io: AtomicU64::new(now),
-            last_sent: AtomicU64::new(now),
+            last_request: AtomicU64::new(now),
+            frame_at: AtomicU64::new(now),
             open: AtomicUsize::new(0),
             pending_frames: AtomicUsize::new(0),
             blocked_since: AtomicU64::new(0),
         })
     }
 
-    fn read(&self) {
-        self.last_io.store(now_ms(), Ordering::Relaxed);
+    fn touched(&self) {
+        self.last_request.store(now_ms(), Ordering::Relaxed);
     }
 
-    fn sent(&self) {
-        let now = now_ms();
-        self.last_io.store(now, Ordering::Relaxed);
-        self.last_sent.store(now, Ordering::Relaxed);
+    fn wrote(&self) {
         self.blocked_since.store(0, Ordering::Relaxed);
     }
 
@@ -117,8 +117,13 @@ impl Activity {
     /// the response body by [`Tracked::wrap`]) is dropped.
     pub fn begin(self: &Arc<Self>) -> InUse {
         self.open.fetch_add(1, Ordering::Relaxed);
-        self.read();
+        self.touched();
         InUse(self.clone())
+    }
+
+    /// Requests being answered.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// The verdict now, if any.
@@ -126,16 +131,17 @@ impl Activity {
         let now = now_ms();
         let since =
             |t: &AtomicU64| Duration::from_millis(now.saturating_sub(t.load(Ordering::Relaxed)));
-        let blocked = self.blocked_since.load(Ordering::Relaxed);
-        // HTTP/1 (and HTTP/2 with an open window): the socket takes nothing.
-        if blocked != 0 && since(&self.blocked_since) >= send {
+        let blocked = self.blocked_since.load(Ordering::Relaxed) != 0;
+        // The socket takes nothing (HTTP/1, or HTTP/2 with an open window).
+        if blocked && since(&self.blocked_since) >= send {
             return Some(Verdict::Stalled);
         }
-        // HTTP/2 with a shut window: hyper holds a frame and writes nothing.
-        if self.pending_frames.load(Ordering::Relaxed) > 0 && since(&self.last_sent) >= send {
+        // A frame the client does not take (HTTP/2 with a shut window, or a
+        // trickle slower than a frame per send timeout).
+        if self.pending_frames.load(Ordering::Relaxed) > 0 && since(&self.frame_at) >= send {
             return Some(Verdict::Stalled);
         }
-        if self.open.load(Ordering::Relaxed) == 0 && since(&self.last_io) >= idle {
+        if self.open() == 0 && !blocked && since(&self.last_request) >= idle {
             return Some(Verdict::Idle);
         }
         None
@@ -160,7 +166,7 @@ pub struct InUse(Arc<Activity>);
 impl Drop for InUse {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.read();
+        self.0.touched();
     }
 }
 
@@ -205,7 +211,9 @@ impl http_body::Body for Tracked {
                 self.frame_out = true;
                 let a = &self.in_use.0;
                 a.pending_frames.fetch_add(1, Ordering::Relaxed);
-                a.last_sent.store(now_ms(), Ordering::Relaxed);
+                let now = now_ms();
+                a.frame_at.store(now, Ordering::Relaxed);
+                a.last_request.store(now, Ordering::Relaxed);
             }
         }
         polled
@@ -245,19 +253,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.read();
-        }
-        polled
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl<T: AsyncWrite + Unpin> Watched<T> {
     fn note(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         match polled {
-            Poll::Ready(Ok(n)) if n > 0 => self.activity.sent(),
+            Poll::Ready(Ok(n)) if n > 0 => self.activity.wrote(),
             Poll::Pending => self.activity.blocked(),
             _ => {}
         }
@@ -324,23 +327,36 @@ mod tests {
         );
         tokio::time::sleep(IDLE * 2).await;
         assert_eq!(a.verdict(IDLE, SEND), Some(Verdict::Idle));
+        a.wrote();
+        assert_eq!(
+            a.verdict(IDLE, SEND),
+            Some(Verdict::Idle),
+            "control traffic (a PING answered) is not activity"
+        );
     }
 
     #[tokio::test]
-    async fn stalled_while_writes_are_blocked() {
+    async fn stalled_while_writes_are_blocked_and_never_idle() {
         let a = Activity::new();
         a.blocked();
         tokio::time::sleep(SEND / 2).await;
         a.blocked();
-        assert_eq!(a.verdict(IDLE, SEND), None);
+        assert_eq!(a.verdict(IDLE * 100, SEND), None);
         tokio::time::sleep(SEND).await;
         assert_eq!(
-            a.verdict(IDLE, SEND),
+            a.verdict(IDLE * 100, SEND),
             Some(Verdict::Stalled),
             "the first block counts"
         );
-        a.sent();
-        assert_eq!(a.verdict(IDLE, SEND), None, "a write unblocks");
+        a.wrote();
+        assert_eq!(a.verdict(IDLE * 100, SEND), None, "a write unblocks");
+        a.blocked();
+        tokio::time::sleep(IDLE * 2).await;
+        assert_eq!(
+            a.verdict(IDLE, SEND * 100),
+            None,
+            "a blocked write is not idle, whatever the timeouts"
+        );
     }
 
     #[tokio::test]
@@ -352,9 +368,12 @@ mod tests {
         assert!(frame.is_data());
         assert_eq!(a.verdict(IDLE, SEND), None);
         tokio::time::sleep(SEND * 2).await;
-        assert_eq!(a.verdict(IDLE, SEND), Some(Verdict::Stalled));
-        a.sent();
-        assert_eq!(a.verdict(IDLE, SEND), None, "writing is progress");
+        a.wrote();
+        assert_eq!(
+            a.verdict(IDLE, SEND),
+            Some(Verdict::Stalled),
+            "other writes do not take the frame"
+        );
         assert!(body.frame().await.is_none());
         tokio::time::sleep(SEND * 2).await;
         assert_eq!(

@@ -7,20 +7,25 @@
 //! the same bytes straight from the file at the same offset, as nginx and
 //! distribution do: no copy through user space and no page faults on the
 //! mapping, which roughly halves the CPU a warm hit costs. The bytes are the
-//! same by the cache's invariant (published files are never written again).
-//! Everything else (headers, JSON) is written as usual, in one `writev` up
-//! to the first mapped slice. TLS connections encrypt in user space and do
-//! not use this path.
+//! same by the cache's invariant (published files are never written again;
+//! a download's file is only appended to, and only written bytes are
+//! sliced). Everything else (headers, JSON) is written as usual, in one
+//! `writev` up to the first large mapped slice; mapped slices under
+//! [`MIN_SENDFILE`] (HTTP/2 DATA frames are 16 KiB) are copied along with it,
+//! where a syscall per slice would cost more than the copy. TLS connections
+//! encrypt in user space and do not use this path.
 //!
-//! Like nginx's `tcp_nopush`, the socket is corked (`TCP_CORK`) while mapped
-//! content goes out and uncorked when hyper flushes: the kernel then sends
-//! full segments instead of one per page run (the connection keeps
-//! `TCP_NODELAY` for everything else).
+//! Like nginx's `tcp_nopush`, the socket is corked (`TCP_CORK`) from the
+//! headers in front of mapped content until hyper flushes: the kernel sends
+//! full segments, headers included, instead of one per write (the
+//! connection keeps `TCP_NODELAY` for everything else). A filesystem that
+//! cannot feed `sendfile` falls back to copying.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use rustix::io::Errno;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -29,11 +34,15 @@ use crate::cache::mmap;
 /// Most bytes handed to one `sendfile` call (the kernel caps a call a little
 /// below 2 GiB anyway; smaller calls let other connections on the worker run).
 const MAX_SENDFILE: usize = 16 << 20;
+/// Mapped slices shorter than this are copied with the bytes around them.
+pub const MIN_SENDFILE: usize = 64 << 10;
 
 /// A TCP stream that sends mapped cache content with `sendfile(2)`.
 pub struct Zerocopy {
     inner: TcpStream,
     corked: bool,
+    /// `sendfile` refused this connection's files once: copy from now on.
+    copy_only: bool,
 }
 
 impl Zerocopy {
@@ -42,7 +51,16 @@ impl Zerocopy {
         Zerocopy {
             inner,
             corked: false,
+            copy_only: false,
         }
+    }
+
+    /// The file and offset behind `buf`, if it is worth a `sendfile`.
+    fn mapped(&self, buf: &[u8]) -> Option<(std::sync::Arc<std::fs::File>, u64)> {
+        if self.copy_only || buf.len() < MIN_SENDFILE {
+            return None;
+        }
+        mmap::locate(buf)
     }
 
     fn cork(&mut self, on: bool) {
@@ -53,14 +71,16 @@ impl Zerocopy {
         }
     }
 
+    /// Send `buf` (a mapped slice of `file` at `offset`) with `sendfile`;
+    /// copy it instead if the kernel cannot.
     fn poll_sendfile(
         &mut self,
         cx: &mut Context<'_>,
+        buf: &[u8],
         file: &std::fs::File,
         offset: u64,
-        len: usize,
     ) -> Poll<io::Result<usize>> {
-        let len = len.min(MAX_SENDFILE);
+        let len = buf.len().min(MAX_SENDFILE);
         self.cork(true);
         loop {
             ready!(self.inner.poll_write_ready(cx))?;
@@ -77,7 +97,26 @@ impl Zerocopy {
                     )))
                 }
                 Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e)
+                    if matches!(
+                        Errno::from_io_error(&e),
+                        Some(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)
+                    ) =>
+                {
+                    // The filesystem cannot feed sendfile: the mapped bytes
+                    // are just as good to copy.
+                    tracing::debug!(error = %e, "sendfile unavailable; copying");
+                    self.copy_only = true;
+                    return Pin::new(&mut self.inner).poll_write(cx, buf);
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -100,8 +139,8 @@ impl AsyncWrite for Zerocopy {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some((file, offset)) = mmap::locate(buf) {
-            return self.poll_sendfile(cx, &file, offset, buf.len());
+        if let Some((file, offset)) = self.mapped(buf) {
+            return self.poll_sendfile(cx, buf, &file, offset);
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -114,14 +153,18 @@ impl AsyncWrite for Zerocopy {
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Poll::Ready(Ok(0));
         };
-        if let Some((file, offset)) = mmap::locate(&bufs[first]) {
-            return self.poll_sendfile(cx, &file, offset, bufs[first].len());
+        if let Some((file, offset)) = self.mapped(&bufs[first]) {
+            return self.poll_sendfile(cx, &bufs[first], &file, offset);
         }
         // Plain bytes up to the next mapped slice, which the next call sends.
         let end = bufs[first..]
             .iter()
-            .position(|b| !b.is_empty() && mmap::locate(b).is_some())
+            .position(|b| self.mapped(b).is_some())
             .map_or(bufs.len(), |p| first + p);
+        if end < bufs.len() {
+            // Headers in front of mapped content: one segment with it.
+            self.cork(true);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end])
     }
 
