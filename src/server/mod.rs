@@ -23,7 +23,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Source};
 use crate::state::AppState;
@@ -60,7 +59,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let stopping = CancellationToken::new();
-    let connections = TaskTracker::new();
+    // Connection tasks; dropping the set aborts whatever is left.
+    let mut connections = tokio::task::JoinSet::new();
     let header_timeout = state.config.header_timeout;
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -104,6 +104,8 @@ pub async fn run(
             },
             _ = &mut shutdown => break,
         };
+        // Reap finished connections so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let st = state.clone();
@@ -158,11 +160,13 @@ pub async fn run(
     }
     drop(listener);
     stopping.cancel();
-    connections.close();
     tokio::select! {
-        _ = connections.wait() => {}
+        _ = async { while connections.join_next().await.is_some() {} } => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("shutdown grace period over; closing remaining connections"),
     }
+    // Aborts the stragglers: nothing outlives `run` (in-process users such
+    // as tests get the cache lock back).
+    drop(connections);
 }
 
 /// Run one connection until it ends, berth shuts down (graceful: in-flight
