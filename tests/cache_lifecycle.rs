@@ -23,12 +23,6 @@ const MIB: usize = 1 << 20;
 /// Generous bound for anything the tests wait for.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// sha256 with ring (fast even in a debug build).
-fn sha256(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    format!("sha256:{}", hex::encode(d.as_ref()))
-}
-
 fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
     resp.headers()
         .get(name)
@@ -130,7 +124,7 @@ async fn pull(http: &reqwest::Client, berth: &Berth, repo: &str, blob: &Blob) {
         .expect("GET blob");
     assert_eq!(resp.status(), 200, "{}", blob.digest);
     let body = resp.bytes().await.expect("blob body");
-    assert_eq!(sha256(&body), blob.digest, "exact bytes");
+    assert_eq!(content::digest_of(&body), blob.digest, "exact bytes");
 }
 
 /// Sets the flag when dropped (also when a test panics), so that a sampling
@@ -188,7 +182,7 @@ async fn capacity_is_never_exceeded_and_lru_is_evicted() {
             assert!(total <= CAPACITY, "{total} bytes in the cache > {CAPACITY}");
             up.proxy.hold_blob_after(None);
             let body = resp.bytes().await.unwrap();
-            assert_eq!(sha256(&body), b.digest);
+            assert_eq!(content::digest_of(&body), b.digest);
         } else {
             pull(&http, &berth, "library/lru", b).await;
         }
@@ -348,7 +342,7 @@ async fn blobs_evicted_while_streaming_reach_slow_clients_intact() {
     }
     assert_eq!(body.len(), big_hit.bytes.len());
     assert_eq!(
-        sha256(&body),
+        content::digest_of(&body),
         big_hit.digest,
         "evicted mid-stream, delivered intact"
     );
@@ -380,7 +374,7 @@ async fn blobs_evicted_while_streaming_reach_slow_clients_intact() {
         body.extend_from_slice(&c);
     }
     assert_eq!(
-        sha256(&body),
+        content::digest_of(&body),
         big_flight.digest,
         "evicted mid-stream, delivered intact"
     );
@@ -409,7 +403,7 @@ async fn restart_serves_the_cache_without_upstream() {
     assert_eq!(m.bytes, image.manifest_bytes);
     for b in image.blobs() {
         let got = via.get_blob("library/keep", &b.digest).await.unwrap();
-        assert_eq!(sha256(&got), b.digest);
+        assert_eq!(content::digest_of(&got), b.digest);
     }
     let status = berth.stop().expect("berth exited");
     assert!(status.success(), "graceful stop: {status}");
@@ -437,7 +431,7 @@ async fn restart_serves_the_cache_without_upstream() {
     );
     for b in image.blobs() {
         let got = via.get_blob("library/keep", &b.digest).await.unwrap();
-        assert_eq!(sha256(&got), b.digest);
+        assert_eq!(content::digest_of(&got), b.digest);
     }
     assert_eq!(
         up.proxy.requests().len(),

@@ -33,11 +33,6 @@ const ROUNDS: usize = 4;
 const RATES: (u64, u64) = (MIB as u64 / 2, 4 * MIB as u64);
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn sha256(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    format!("sha256:{}", hex::encode(d.as_ref()))
-}
-
 /// splitmix64: the test's only source of randomness.
 struct Rng(u64);
 
@@ -88,7 +83,7 @@ fn published_and_intact(cache: &Path) -> Vec<String> {
         assert_eq!(shard, name[..2], "{} is in the wrong shard", p.display());
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(
-            sha256(&bytes),
+            content::digest_of(&bytes),
             format!("sha256:{name}"),
             "{} does not hash to its name ({} bytes)",
             p.display(),

@@ -146,14 +146,7 @@ async fn full_disk_passes_misses_through_and_recovers() {
     proxy.reset();
     assert_eq!(get(&blob(0)).await.unwrap(), image.layers[0].bytes);
     assert_eq!(proxy.blob_gets(), 0);
-    let m = http_client()
-        .get(format!("http://{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = tools::metrics_text(&format!("http://{metrics}")).await;
     assert!(
         m.lines().any(|l| l == "berth_cache_full 1"),
         "exported: {}",
@@ -180,14 +173,7 @@ async fn full_disk_passes_misses_through_and_recovers() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(berth.log().contains("caching resumes"));
-    let m = http_client()
-        .get(format!("http://{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = tools::metrics_text(&format!("http://{metrics}")).await;
     assert!(m.lines().any(|l| l == "berth_cache_full 0"));
     drop(berth);
 }

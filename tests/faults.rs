@@ -42,11 +42,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// berth's upstream read timeout in the stall tests.
 const READ_TIMEOUT: &str = "1s";
 
-fn sha256(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    format!("sha256:{}", hex::encode(d.as_ref()))
-}
-
 fn cached_path(berth: &Berth, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
     berth
@@ -68,20 +63,6 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// The OCI error envelope's code, or a panic naming what came instead.
-fn envelope_code(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!(
-            "not an OCI envelope ({e}): {:?}",
-            String::from_utf8_lossy(body)
-        )
-    });
-    v["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no code in {v}"))
-        .to_owned()
 }
 
 /// An image whose layers are incompressible blobs of the given sizes.
@@ -208,7 +189,11 @@ async fn cuts_at_any_offset_are_resumed_with_range_and_clients_get_exact_bytes()
         );
         assert_eq!(whole.0, 200, "cut at {cut}");
         let body = whole.1.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
-        assert_eq!(sha256(&body), layer.digest, "cut at {cut}: exact bytes");
+        assert_eq!(
+            content::digest_of(&body),
+            layer.digest,
+            "cut at {cut}: exact bytes"
+        );
         assert_eq!(ranged.0, 206, "cut at {cut}");
         let part = ranged.1.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         assert!(
@@ -253,7 +238,7 @@ async fn cuts_at_any_offset_are_resumed_with_range_and_clients_get_exact_bytes()
     )
     .await;
     assert_eq!(st, 200);
-    assert_eq!(sha256(&body.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&body.unwrap()), layer.digest);
     let ranges: Vec<Option<String>> = env.gets_of(&layer.digest).iter().map(range_of).collect();
     assert_eq!(
         ranges,
@@ -285,7 +270,11 @@ async fn a_resume_from_an_upstream_that_ignores_range_still_gets_exact_bytes() {
     );
     let (st, body) = fetch(&tools::http_client(), &url, None).await;
     assert_eq!(st, 200);
-    assert_eq!(sha256(&body.unwrap()), layer.digest, "exact bytes");
+    assert_eq!(
+        content::digest_of(&body.unwrap()),
+        layer.digest,
+        "exact bytes"
+    );
     let seen = fake.seen();
     let gets: Vec<&Seen> = seen.iter().filter(|s| s.method == "GET").collect();
     assert_eq!(gets.len(), 2, "{seen:?}");
@@ -294,7 +283,7 @@ async fn a_resume_from_an_upstream_that_ignores_range_still_gets_exact_bytes() {
     assert_eq!(gets[1].status, 200, "the upstream ignored the Range");
     until("published", || cached_path(&berth, &layer.digest).is_file()).await;
     let on_disk = std::fs::read(cached_path(&berth, &layer.digest)).unwrap();
-    assert_eq!(sha256(&on_disk), layer.digest);
+    assert_eq!(content::digest_of(&on_disk), layer.digest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,15 +316,7 @@ async fn corrupted_bytes_publish_nothing_and_the_next_request_refetches() {
         !cached_path(&env.berth, &layer.digest).exists(),
         "a corrupt blob is never published"
     );
-    let metrics = env
-        .http
-        .get(format!("{}/metrics", env.berth.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tools::metrics_text(&env.berth.url()).await;
     let mismatches: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("berth_digest_mismatches_total "))
@@ -347,7 +328,7 @@ async fn corrupted_bytes_publish_nothing_and_the_next_request_refetches() {
     env.proxy.reset();
     let (st, body) = fetch(&env.http, &url, None).await;
     assert_eq!(st, 200);
-    assert_eq!(sha256(&body.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&body.unwrap()), layer.digest);
     assert_eq!(env.gets_of(&layer.digest).len(), 1, "refetched");
     until("published", || {
         cached_path(&env.berth, &layer.digest).is_file()
@@ -355,7 +336,7 @@ async fn corrupted_bytes_publish_nothing_and_the_next_request_refetches() {
     .await;
     let on_disk = std::fs::read(cached_path(&env.berth, &layer.digest)).unwrap();
     assert_eq!(
-        sha256(&on_disk),
+        content::digest_of(&on_disk),
         layer.digest,
         "the published file hashes to its name"
     );
@@ -376,7 +357,7 @@ async fn a_corrupted_manifest_is_refused_and_not_cached() {
             .await
             .unwrap();
         assert_eq!(m.status, 502, "{reference}: {:?}", m.bytes);
-        assert_eq!(envelope_code(&m.bytes), "UNKNOWN");
+        assert_eq!(tools::oci_code(&m.bytes), "UNKNOWN");
     }
     assert!(!cached_path(&berth, &image.manifest_digest).exists());
     fake.corrupt_manifests.store(false, Ordering::SeqCst);
@@ -432,7 +413,7 @@ async fn stalled_upstream_headers_give_a_5xx_within_the_bound_then_recover() {
         let took = t.elapsed();
         assert!((502..=504).contains(&st), "{method} {url}: {st} {body:?}");
         if *method == "GET" {
-            envelope_code(&body);
+            tools::oci_code(&body);
         }
         assert!(
             took < Duration::from_secs(8),
@@ -447,7 +428,7 @@ async fn stalled_upstream_headers_give_a_5xx_within_the_bound_then_recover() {
     loop {
         let (st, body) = fetch(&env.http, &urls[1].1, None).await;
         if st == 200 {
-            assert_eq!(sha256(&body.unwrap()), *layer);
+            assert_eq!(content::digest_of(&body.unwrap()), *layer);
             break;
         }
         assert!(Instant::now() < deadline, "no recovery: {st}");
@@ -499,7 +480,7 @@ async fn a_stalled_upstream_body_aborts_clients_within_the_bound_and_publishes_n
     env.proxy.hold_blob_after(None);
     let (st, body) = fetch(&env.http, &url, None).await;
     assert_eq!(st, 200);
-    assert_eq!(sha256(&body.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&body.unwrap()), layer.digest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,7 +610,7 @@ async fn token_exchange_resets_stalls_and_garbage_give_a_clear_5xx_then_recover(
             m.status,
             String::from_utf8_lossy(&m.bytes)
         );
-        envelope_code(&m.bytes);
+        tools::oci_code(&m.bytes);
         assert!(
             took < Duration::from_secs(10),
             "{repo}: answered after {took:?}"
@@ -737,7 +718,7 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
             "redirect to {to} was not refused ({} body bytes)",
             body.len()
         );
-        assert_eq!(envelope_code(&body), "UNKNOWN");
+        assert_eq!(tools::oci_code(&body), "UNKNOWN");
         assert!(
             String::from_utf8_lossy(&body).contains("redirect"),
             "the error says why: {body:?}"
@@ -769,7 +750,7 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
         target.reset();
         let (st, body) = fetch(&http, &blob(registry), None).await;
         assert_eq!(st, 200, "{registry}");
-        assert_eq!(sha256(&body.unwrap()), layer.digest);
+        assert_eq!(content::digest_of(&body.unwrap()), layer.digest);
         // Cached by the first registry: the second is a hit.
         assert!(target.blob_gets() <= 1);
     }
@@ -806,7 +787,7 @@ async fn credentials_are_not_sent_along_a_redirect_to_another_host() {
     );
     let (st, body) = fetch(&tools::http_client(), &url, None).await;
     assert_eq!(st, 200);
-    assert_eq!(sha256(&body.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&body.unwrap()), layer.digest);
     let at_registry = registry.seen();
     assert!(
         at_registry.iter().any(|s| s.path.contains("/blobs/")
@@ -908,7 +889,7 @@ async fn redirects_to_a_name_resolving_to_loopback_are_refused_unless_allowed() 
     let (st, body) = fetch(&http, &blob("guarded.example"), None).await;
     let body = body.unwrap();
     assert_eq!(st, 502, "redirect to {name} ({ip}) was not refused");
-    assert_eq!(envelope_code(&body), "UNKNOWN");
+    assert_eq!(tools::oci_code(&body), "UNKNOWN");
     let text = String::from_utf8_lossy(&body);
     assert!(
         text.contains(&format!(
@@ -1221,7 +1202,7 @@ fn fake_route(
         else {
             return not_found();
         };
-        let digest = sha256(&bytes);
+        let digest = content::digest_of(&bytes);
         if st.corrupt_manifests.load(Ordering::SeqCst) {
             let mut v = bytes.to_vec();
             let last = v.len() - 2;

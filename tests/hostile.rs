@@ -100,19 +100,6 @@ fn get(target: &str, extra: &str) -> Vec<u8> {
     format!("GET {target} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\n{extra}\r\n").into_bytes()
 }
 
-fn code_of(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!(
-            "not an OCI envelope ({e}): {:?}",
-            String::from_utf8_lossy(body)
-        )
-    });
-    v["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 fn status_line(pid: u32, key: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     text.lines()
@@ -414,14 +401,7 @@ async fn idle_http2_and_clients_that_stop_reading_are_closed() {
         took >= IDLE - Duration::from_millis(500) && took < IDLE + Duration::from_secs(8),
         "idle HTTP/2 connection closed after {took:?}"
     );
-    let metrics = http
-        .get(format!("{}/metrics", env.berth.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tools::metrics_text(&env.berth.url()).await;
     let (took, pongs) = tokio::time::timeout(PATIENCE, pinging)
         .await
         .expect("a pinging HTTP/2 connection was closed")
@@ -644,7 +624,7 @@ async fn over_long_paths_headers_and_names_get_bounded_errors() {
             "{shown}...: {st} not in {statuses:?}\n{head}"
         );
         if let Some(code) = code {
-            assert_eq!(code_of(&body), *code, "{shown}");
+            assert_eq!(tools::oci_code(&body), *code, "{shown}");
         }
     }
 
@@ -867,7 +847,7 @@ async fn invalid_ranges_are_416_on_hits_misses_and_heads() {
                     "{method} Range: {shown}: {head}"
                 );
                 if method == "GET" {
-                    assert_eq!(code_of(&body), "RANGE_INVALID");
+                    assert_eq!(tools::oci_code(&body), "RANGE_INVALID");
                 }
             }
         }
@@ -938,7 +918,7 @@ async fn private_registries_are_off_the_anonymous_path_style_route() {
     for target in &refused {
         let (st, head, body) = raw(&a, &get(target, "")).await;
         assert_eq!(st, 404, "{target}: {head}");
-        assert_eq!(code_of(&body), "NAME_UNKNOWN", "{target}");
+        assert_eq!(tools::oci_code(&body), "NAME_UNKNOWN", "{target}");
     }
     assert_eq!(
         proxy.requests().len(),
@@ -958,7 +938,7 @@ async fn private_registries_are_off_the_anonymous_path_style_route() {
     // Cached now, and still not served path-style.
     for target in &refused[..3] {
         let (st, _, body) = raw(&a, &get(target, "")).await;
-        assert_eq!((st, code_of(&body).as_str()), (404, "NAME_UNKNOWN"));
+        assert_eq!((st, tools::oci_code(&body).as_str()), (404, "NAME_UNKNOWN"));
     }
     // A public registry on the same origin is unaffected.
     let (st, _, _) = raw(&a, &get("/v2/public.example/team/app/manifests/1", "")).await;
@@ -1142,7 +1122,7 @@ async fn cached_private_content_needs_upstream_proof_through_another_registry() 
         async move {
             let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
             assert_eq!(
-                (st, code_of(&body).as_str()),
+                (st, tools::oci_code(&body).as_str()),
                 (404, "BLOB_UNKNOWN"),
                 "round {round}: {head}"
             );
@@ -1151,7 +1131,7 @@ async fn cached_private_content_needs_upstream_proof_through_another_registry() 
             assert_eq!((st, body.len()), (404, 0), "round {round}: HEAD");
             let (st, head, body) = raw(&a, &get(&manifest_path, "")).await;
             assert_eq!(
-                (st, code_of(&body).as_str()),
+                (st, tools::oci_code(&body).as_str()),
                 (404, "MANIFEST_UNKNOWN"),
                 "round {round}: {head}"
             );
@@ -1195,7 +1175,7 @@ async fn cached_private_content_needs_upstream_proof_through_another_registry() 
         let (st, head, body) = raw(&a, &get(&target, "")).await;
         assert_eq!(st, 404, "{target}: {head}");
         assert!(matches!(
-            code_of(&body).as_str(),
+            tools::oci_code(&body).as_str(),
             "BLOB_UNKNOWN" | "MANIFEST_UNKNOWN"
         ));
     }
@@ -1213,12 +1193,16 @@ async fn cached_private_content_needs_upstream_proof_through_another_registry() 
     // nothing (fail closed).
     env.public.set_fail_all(Some(403));
     let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
-    assert_eq!((st, code_of(&body).as_str()), (403, "DENIED"), "{head}");
+    assert_eq!(
+        (st, tools::oci_code(&body).as_str()),
+        (403, "DENIED"),
+        "{head}"
+    );
     env.public.set_fail_all(None);
     env.public.set_refuse(true);
     let (st, head, body) = raw(&a, &get(&blob_path, "")).await;
     assert!(matches!(st, 502..=504), "{head}");
-    assert!(!code_of(&body).is_empty());
+    assert!(!tools::oci_code(&body).is_empty());
     env.public.set_refuse(false);
     let (_, _, metrics) = raw(&a, &get("/metrics", "")).await;
     let metrics = String::from_utf8_lossy(&metrics).into_owned();
@@ -1308,7 +1292,7 @@ async fn a_private_download_in_flight_is_not_joined_without_upstream_proof() {
     let public_path = format!("/v2/public.example/team/app/blobs/{}", big.digest);
     let (st, head, body) = raw(&a, &get(&public_path, "")).await;
     assert_eq!(
-        (st, code_of(&body).as_str()),
+        (st, tools::oci_code(&body).as_str()),
         (404, "BLOB_UNKNOWN"),
         "{head}"
     );

@@ -43,14 +43,7 @@ fn value(s: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn scrape(addr: &str) -> String {
-    http_client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    tools::metrics_text(&format!("http://{addr}")).await
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {

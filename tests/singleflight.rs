@@ -113,12 +113,6 @@ impl Env {
     }
 }
 
-/// sha256 with ring (fast even in a debug build).
-fn sha256(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    format!("sha256:{}", hex::encode(d.as_ref()))
-}
-
 fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
     resp.headers()
         .get(name)
@@ -221,7 +215,7 @@ async fn sixty_four_concurrent_misses_make_one_upstream_get() {
         assert_eq!(len, Some(layer.size()), "Content-Length");
         assert_eq!(dcd.as_deref(), Some(layer.digest.as_str()));
         assert_eq!(body.len() as u64, layer.size());
-        assert_eq!(sha256(&body), layer.digest, "exact bytes");
+        assert_eq!(content::digest_of(&body), layer.digest, "exact bytes");
     }
     let recs = env.blob_records();
     assert_eq!(recs.len(), 1, "exactly one upstream blob GET: {recs:?}");
@@ -273,7 +267,7 @@ async fn first_client_disconnecting_does_not_disturb_the_others() {
         let (status, body) = f.await.unwrap();
         assert_eq!(status, 200);
         let body = body.expect("follower body complete");
-        assert_eq!(sha256(&body), layer.digest, "exact bytes");
+        assert_eq!(content::digest_of(&body), layer.digest, "exact bytes");
     }
     assert_eq!(env.proxy.blob_gets(), 1, "{:?}", env.proxy.requests());
 
@@ -282,7 +276,7 @@ async fn first_client_disconnecting_does_not_disturb_the_others() {
     let again = env.get(&url, None).await;
     assert_eq!(again.status(), 200);
     let body = again.bytes().await.unwrap();
-    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.proxy.requests().len(), 0, "served from the cache");
 }
 
@@ -306,7 +300,7 @@ async fn lone_client_disconnecting_still_completes_and_publishes() {
     until("tmp/ is empty", || tmp_files(&env.berth).is_empty()).await;
     env.proxy.reset();
     let body = env.get(&url, None).await.bytes().await.unwrap();
-    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.proxy.requests().len(), 0, "served from the cache");
 }
 
@@ -340,7 +334,7 @@ async fn origin_cut_mid_stream_is_resumed_with_range() {
         let (status, body) = c.await.unwrap();
         assert_eq!(status, 200);
         let body = body.expect("the break is invisible to clients");
-        assert_eq!(sha256(&body), layer.digest, "exact bytes");
+        assert_eq!(content::digest_of(&body), layer.digest, "exact bytes");
     }
     let recs = env.blob_records();
     assert_eq!(recs.len(), 2, "one GET, one resume: {recs:?}");
@@ -403,7 +397,7 @@ async fn an_origin_that_keeps_breaking_fails_after_bounded_resumes() {
     env.proxy.cut_blob_after(None);
     env.proxy.reset();
     let body = env.get(&url, None).await.bytes().await.unwrap();
-    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.blob_records().len(), 1);
 }
 
@@ -438,7 +432,7 @@ async fn corrupted_upstream_bytes_are_never_delivered_whole_nor_published() {
             Ok(b) => panic!(
                 "a client received a complete body ({} of {len:?} bytes, status {status}, digest {})",
                 b.len(),
-                sha256(&b)
+                content::digest_of(&b)
             ),
             // The body ends in an error: the connection is aborted before the
             // last byte, which berth holds back until the digest matched.
@@ -461,12 +455,12 @@ async fn corrupted_upstream_bytes_are_never_delivered_whole_nor_published() {
     let resp = env.get(&url, None).await;
     assert_eq!(resp.status(), 200);
     let body = resp.bytes().await.expect("healthy body");
-    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.proxy.blob_gets(), 1, "refetched");
     assert!(env.cached_path(&layer.digest).is_file(), "published now");
     env.proxy.reset();
     let body = env.get(&url, None).await.bytes().await.unwrap();
-    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.proxy.requests().len(), 0);
 }
 
@@ -535,7 +529,7 @@ async fn ranges_are_served_from_a_blob_still_downloading() {
     let body = mid.bytes().await.unwrap();
     assert_eq!(&body[..], &layer.bytes[1_500_000..3_000_000]);
     let body = leader.await.unwrap().unwrap();
-    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.proxy.blob_gets(), 1, "{:?}", env.proxy.requests());
 }
 
@@ -572,8 +566,8 @@ async fn followers_stream_before_the_download_ends() {
     env.proxy.set_body_rate(None);
     env.proxy.hold_blob_after(None);
     let (a, b) = tokio::join!(rest(leader, leader_head), rest(follower, follower_head));
-    assert_eq!(sha256(&a.unwrap()), layer.digest);
-    assert_eq!(sha256(&b.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&a.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&b.unwrap()), layer.digest);
     assert_eq!(env.proxy.blob_gets(), 1);
 }
 
@@ -638,7 +632,7 @@ async fn ranges_and_head_on_cached_blobs() {
     let r = env.get(&url, None).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.content_length(), Some(s));
-    assert_eq!(sha256(&r.bytes().await.unwrap()), layer.digest);
+    assert_eq!(content::digest_of(&r.bytes().await.unwrap()), layer.digest);
 
     let h = env.http.head(&url).send().await.unwrap();
     assert_eq!(h.status(), 200);

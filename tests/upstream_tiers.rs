@@ -133,14 +133,7 @@ fn assert_untouched(p: &CountingProxy, who: &str) {
 /// Sum of `berth_upstream_requests_total` samples whose labels contain every
 /// one of `labels` (e.g. `endpoint="127.0.0.1:1/p"`).
 async fn upstream_requests_metric(metrics_addr: &str, labels: &[&str]) -> u64 {
-    let text = tools::http_client()
-        .get(format!("http://{metrics_addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = tools::metrics_text(&format!("http://{metrics_addr}")).await;
     text.lines()
         .filter(|l| l.starts_with("berth_upstream_requests_total{"))
         .filter(|l| labels.iter().all(|want| l.contains(want)))

@@ -284,3 +284,31 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// The Prometheus text berth (or its metrics listener) serves at `base`
+/// (`http://host:port`).
+pub async fn metrics_text(base: &str) -> String {
+    http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The first error code of an OCI error envelope ("" when it has none);
+/// panics, naming what came instead, when `body` is not JSON.
+pub fn oci_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "not an OCI envelope ({e}): {:?}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
