@@ -47,10 +47,8 @@ import json
 import os
 import queue
 import random
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +58,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from benchlib import Proc, build_berth, child_env, dead_port, log, start_with_port
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 KiB, MiB = 1024, 1024 * 1024
 NS = "docker.io"
@@ -73,124 +72,6 @@ ACCEPT = ",".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ])
-T_START = time.monotonic()
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def log(msg):
-    print(f"[{time.monotonic() - T_START:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dead_port():
-    for _ in range(20):
-        p = free_port()
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", p)) != 0:
-                return p
-    raise RuntimeError("no dead port on 127.0.0.1")
-
-
-def child_env(extra=None):
-    """Servers get no proxies and no BERTH_/REGISTRY_ overrides."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("BERTH_", "REGISTRY_", "CONTAINERD_"))
-        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "rust_log")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["OTEL_SDK_DISABLED"] = "true"
-    env.update(extra or {})
-    return env
-
-
-class Proc:
-    """A child in its own session (Ctrl-C in the terminal does not reach
-    it), stopped by PID: SIGTERM, then SIGKILL."""
-
-    ALL = []
-
-    def __init__(self, name, argv, log_path, cwd=None, env=None):
-        self.name = name
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "ab")
-        self.p = subprocess.Popen(
-            [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, cwd=cwd, env=env or child_env(),
-            start_new_session=True,
-        )
-        self.pid = self.p.pid
-        Proc.ALL.append(self)
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def log_text(self, tail=4000):
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return ""
-        return ANSI.sub("", data[-tail:].decode("utf-8", "replace"))
-
-    def stop(self, grace=10.0):
-        if self.p.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(grace)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.p.wait(5)
-        self._log.close()
-        if self in Proc.ALL:
-            Proc.ALL.remove(self)
-
-
-def http_status(port, path, timeout=2.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        r.read()
-        return r.status
-    finally:
-        conn.close()
-
-
-def start_with_port(name, make_argv, log_path, cwd=None, attempts=4):
-    last = None
-    for _ in range(attempts):
-        port = free_port()
-        proc = Proc(name, make_argv(port), log_path, cwd=cwd)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                break
-            try:
-                if http_status(port, "/v2/") == 200:
-                    return proc, port
-            except OSError:
-                pass
-            time.sleep(0.05)
-        last = RuntimeError(f"{name} did not start:\n{proc.log_text()}")
-        proc.stop(2)
-        if "address already in use" not in str(last).lower():
-            raise last
-    raise last
-
-
 # ---------------------------------------------------------------------------
 # origin content
 
@@ -519,19 +400,6 @@ def trend(values):
         return None
     third = max(1, len(vals) // 3)
     return statistics.mean(vals[:third]), statistics.mean(vals[-third:])
-
-
-def build_berth(args):
-    if args.berth_bin:
-        return Path(args.berth_bin).resolve()
-    log("cargo build --release --bin berth")
-    subprocess.run(["cargo", "build", "--release", "--bin", "berth"], cwd=REPO_ROOT, check=True)
-    meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
-                          cwd=REPO_ROOT, check=True, capture_output=True, text=True)
-    b = Path(json.loads(meta.stdout)["target_directory"]) / "release" / "berth"
-    if not b.is_file():
-        raise SystemExit(f"berth binary not found at {b}")
-    return b
 
 
 def main():

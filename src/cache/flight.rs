@@ -45,9 +45,8 @@ use crate::registry::Digest;
 /// How many times a broken upstream body is resumed before the flight fails.
 pub const MAX_RESUMES: u32 = 3;
 
-/// Largest slice a reader hands out at once (bounded body frames, see
-/// `server::response::FRAME`).
-const READ_CHUNK: u64 = 1 << 20;
+/// Largest slice a reader hands out at once: one bounded body frame.
+const READ_CHUNK: u64 = crate::server::response::FRAME as u64;
 
 /// Where a flight stands; readers watch it.
 #[derive(Debug, Clone)]
