@@ -231,11 +231,7 @@ async fn bad_requests_get_precise_errors_and_touch_nothing() {
     for (method, target, extra, status, code) in &cases {
         let (st, head, body) = raw(&a, method, target, extra).await;
         assert_eq!(st, *status, "{method} {target}: {head}\n{body}");
-        assert_eq!(
-            tools::oci_code(body.as_bytes()),
-            *code,
-            "{method} {target}"
-        );
+        assert_eq!(tools::oci_code(body.as_bytes()), *code, "{method} {target}");
         assert!(
             head.to_ascii_lowercase()
                 .contains("content-type: application/json"),

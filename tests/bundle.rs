@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::berth::{Berth, BERTH_BIN};
+use common::berth::{output_text, run_cli, Berth};
 use common::containerd::{write_hosts_toml, Containerd};
 use common::content::{self, Image, Index, MediaKind, RegistryClient};
 use common::origin::Origin;
@@ -19,32 +19,12 @@ use common::skopeo::{run_skopeo, verify_oci_layout};
 use common::tools::{self, dead_port};
 use serde_json::Value;
 
-const KIB: usize = 1024;
-
-fn have(tools_needed: &[&str]) -> bool {
-    tools_needed.iter().all(|t| tools::require(t))
-}
-
-/// `berth <args>` to completion, without BERTH_* from the environment.
+/// `berth <args>` to completion, logging at warn.
 async fn berth(args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(BERTH_BIN);
-    cmd.args(args).env("RUST_LOG", "warn");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("BERTH_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.output().await.expect("run berth")
+    run_cli(args, "warn").await
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+const KIB: usize = 1024;
 
 fn dead_upstream() -> String {
     format!("docker.io=http://127.0.0.1:{}", dead_port())
@@ -187,7 +167,7 @@ fn archive_index(tar_path: &Path) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_skopeo_import_and_serve_offline() {
-    if !have(&["docker-registry", "skopeo"]) {
+    if !tools::require_all(&["docker-registry", "skopeo"]) {
         return;
     }
     let p = populated().await;
@@ -196,7 +176,7 @@ async fn export_skopeo_import_and_serve_offline() {
     let cache = dir_arg(p.cache.path());
 
     let ls = berth(&["ls", "--json", "--cache-dir", &cache]).await;
-    assert!(ls.status.success(), "{}", text(&ls));
+    assert!(ls.status.success(), "{}", output_text(&ls));
     let listed: Vec<Value> = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.iter().all(|e| e["complete"] == "yes"), "{listed:?}");
@@ -212,7 +192,7 @@ async fn export_skopeo_import_and_serve_offline() {
         &cache,
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let index = archive_index(&bundle);
     let names: Vec<&str> = index["manifests"]
         .as_array()
@@ -254,7 +234,7 @@ async fn export_skopeo_import_and_serve_offline() {
         &dir_arg(node.path()),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("tagged docker.io/library/app:1.0 -> ")
@@ -317,7 +297,7 @@ async fn export_skopeo_import_and_serve_offline() {
         &cache,
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let partial = tempfile::tempdir().unwrap();
     let out = berth(&[
         "import",
@@ -326,7 +306,7 @@ async fn export_skopeo_import_and_serve_offline() {
         &dir_arg(partial.path()),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("linux/arm64"));
     let ls = berth(&["ls", "--json", "--cache-dir", &dir_arg(partial.path())]).await;
     let listed: Vec<Value> = serde_json::from_slice(&ls.stdout).unwrap();
@@ -352,7 +332,7 @@ async fn export_skopeo_import_and_serve_offline() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("docker.io/library/nothere:1"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert!(!work.path().join("x.tar").exists());
     assert!(!work.path().join("x.tar.partial").exists());
@@ -361,7 +341,7 @@ async fn export_skopeo_import_and_serve_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_blobs_make_export_fail_naming_them() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let p = populated().await;
@@ -404,7 +384,7 @@ async fn missing_blobs_make_export_fail_naming_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_made_archives_import() {
-    if !have(&["docker-registry", "skopeo"]) {
+    if !tools::require_all(&["docker-registry", "skopeo"]) {
         return;
     }
     let origin = Origin::start().await;
@@ -444,7 +424,7 @@ async fn skopeo_made_archives_import() {
         &dir_arg(a.path()),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     // A bare tag needs --repo; refused without it, and nothing is published.
     let b = tempfile::tempdir().unwrap();
@@ -459,7 +439,7 @@ async fn skopeo_made_archives_import() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--repo"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert!(files(&b.path().join("blobs")).is_empty());
     assert!(files(&b.path().join("tmp")).is_empty());
@@ -474,7 +454,7 @@ async fn skopeo_made_archives_import() {
         &dir_arg(b.path()),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     drop(origin);
 
     let dead = dead_upstream();
@@ -493,7 +473,7 @@ async fn skopeo_made_archives_import() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_archive_is_refused_and_nothing_is_published() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let p = populated().await;
@@ -508,7 +488,7 @@ async fn corrupt_archive_is_refused_and_nothing_is_published() {
         &dir_arg(p.cache.path()),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     // Flip one byte in the middle of the last layer's data.
     let target = format!(
         "blobs/sha256/{}",
@@ -535,7 +515,7 @@ async fn corrupt_archive_is_refused_and_nothing_is_published() {
         &dir_arg(node.path()),
     ])
     .await;
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("does not match its digest") && err.contains("nothing was imported"),
@@ -552,7 +532,7 @@ async fn corrupt_archive_is_refused_and_nothing_is_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_quarantines_a_corrupt_blob_and_the_next_pull_heals_it() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let p = populated().await;
@@ -571,7 +551,7 @@ async fn verify_quarantines_a_corrupt_blob_and_the_next_pull_heals_it() {
     std::fs::write(p.cache.path().join("tmp/leftover-1"), b"partial").unwrap();
 
     let out = berth(&["verify", "--cache-dir", &cache]).await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!("CORRUPT sha256:{hex}")),
@@ -585,7 +565,7 @@ async fn verify_quarantines_a_corrupt_blob_and_the_next_pull_heals_it() {
     assert!(!path.exists());
     assert!(files(&p.cache.path().join("tmp")).is_empty());
     let out = berth(&["verify", "--cache-dir", &cache]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     // The next pull fetches the blob again, intact.
     let up = format!("docker.io={}", p.origin.url());
@@ -599,7 +579,7 @@ async fn verify_quarantines_a_corrupt_blob_and_the_next_pull_heals_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_refuse_a_cache_a_daemon_holds() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let p = populated().await;
@@ -610,7 +590,7 @@ async fn commands_refuse_a_cache_a_daemon_holds() {
     let up = format!("docker.io={}", p.origin.url());
     let daemon = Berth::start_with_dir(p.cache.path(), &["--upstream", &up]).await;
     let out = berth(&["ls", "--cache-dir", &cache]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("docker.io/library/app:1.0"));
     let out = berth(&[
         "export",
@@ -621,7 +601,7 @@ async fn commands_refuse_a_cache_a_daemon_holds() {
         &cache,
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     let refusals: [&[&str]; 4] = [
         &["import", bundle.to_str().unwrap(), "--cache-dir", &cache],
@@ -639,7 +619,12 @@ async fn commands_refuse_a_cache_a_daemon_holds() {
     ];
     for args in refusals {
         let out = berth(args).await;
-        assert_eq!(out.status.code(), Some(75), "{args:?}: {}", text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(75),
+            "{args:?}: {}",
+            output_text(&out)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("in use by a running berth"), "{args:?}: {err}");
     }
@@ -647,5 +632,5 @@ async fn commands_refuse_a_cache_a_daemon_holds() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("on_start"));
     drop(daemon);
     let out = berth(&["verify", "--cache-dir", &cache]).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }

@@ -7,13 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::Berth;
+use common::berth::{blob_path, Berth};
 use common::content::{self, Blob, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -40,12 +40,6 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Where berth publishes a blob under `cache`.
-fn cached_path(cache: &Path, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-    cache.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 /// Total size of the files under `dir` (files vanishing meanwhile count 0).
@@ -175,7 +169,7 @@ async fn capacity_is_never_exceeded_and_lru_is_evicted() {
             up.proxy.wait_blob_bytes(MIB as u64 / 2, PATIENCE).await;
             until("the partial download is on disk", || du(&tmp_dir) > 0).await;
             assert!(
-                !cached_path(berth.cache_dir(), &blobs[0].digest).exists(),
+                !blob_path(berth.cache_dir(), &blobs[0].digest).exists(),
                 "room was made for the download before it finished"
             );
             let total = du(&blobs_dir) + du(&tmp_dir);
@@ -200,7 +194,7 @@ async fn capacity_is_never_exceeded_and_lru_is_evicted() {
     assert_eq!(up.proxy.blob_gets(), 10);
 
     // Least recently used first: the two oldest are gone, the rest are there.
-    let on_disk = |b: &Blob| cached_path(berth.cache_dir(), &b.digest).is_file();
+    let on_disk = |b: &Blob| blob_path(berth.cache_dir(), &b.digest).is_file();
     let present: Vec<bool> = blobs.iter().map(on_disk).collect();
     assert_eq!(
         present,
@@ -265,7 +259,7 @@ async fn pinned_content_counts_against_capacity_and_evicts_only_what_must_go() {
     for i in 0..4u64 {
         free.push(up.push_blob("library/free", 710 + i, MIB).await);
     }
-    let on_disk = |b: &Blob| cached_path(berth.cache_dir(), &b.digest).is_file();
+    let on_disk = |b: &Blob| blob_path(berth.cache_dir(), &b.digest).is_file();
 
     // The pinned tag is resolved first, then 4 MiB of unpinned content,
     // then the pinned blobs: 3 MiB pinned + 4 MiB unpinned fit in 8 MiB,
@@ -330,7 +324,7 @@ async fn blobs_evicted_while_streaming_reach_slow_clients_intact() {
         .unwrap();
     assert_eq!(slow.status(), 200);
     let head = slow.chunk().await.unwrap().expect("first chunk");
-    while cached_path(&cache, &big_hit.digest).exists() {
+    while blob_path(&cache, &big_hit.digest).exists() {
         let f = fillers
             .next()
             .expect("enough fillers to evict the big blob");
@@ -360,10 +354,10 @@ async fn blobs_evicted_while_streaming_reach_slow_clients_intact() {
     let head = slow.chunk().await.unwrap().expect("first chunk");
     up.proxy.hold_blob_after(None);
     until("the downloaded blob is published", || {
-        cached_path(&cache, &big_flight.digest).is_file()
+        blob_path(&cache, &big_flight.digest).is_file()
     })
     .await;
-    while cached_path(&cache, &big_flight.digest).exists() {
+    while blob_path(&cache, &big_flight.digest).exists() {
         let f = fillers
             .next()
             .expect("enough fillers to evict the big blob");
@@ -476,7 +470,7 @@ async fn restart_with_a_smaller_capacity_keeps_the_most_recent() {
     .await;
     let present: Vec<bool> = blobs
         .iter()
-        .map(|b| cached_path(dir.path(), &b.digest).is_file())
+        .map(|b| blob_path(dir.path(), &b.digest).is_file())
         .collect();
     assert_eq!(present, [false, false, true, true, true, true]);
     up.proxy.reset();
@@ -520,7 +514,7 @@ async fn kill_during_a_download_leaves_nothing_half_done() {
         !tmp_files(dir.path()).is_empty(),
         "a partial file was left behind"
     );
-    assert!(!cached_path(dir.path(), &blob.digest).exists());
+    assert!(!blob_path(dir.path(), &blob.digest).exists());
     drop(berth);
 
     let berth = Berth::start_with_dir(dir.path(), &args).await;
@@ -529,12 +523,12 @@ async fn kill_during_a_download_leaves_nothing_half_done() {
         "leftovers removed at start: {:?}",
         tmp_files(dir.path())
     );
-    assert!(!cached_path(dir.path(), &blob.digest).exists());
+    assert!(!blob_path(dir.path(), &blob.digest).exists());
     up.proxy.hold_blob_after(None);
     up.proxy.reset();
     pull(&http, &berth, "library/crash", &blob).await;
     assert_eq!(up.proxy.blob_gets(), 1, "fetched again, not served half");
-    assert!(cached_path(dir.path(), &blob.digest).is_file());
+    assert!(blob_path(dir.path(), &blob.digest).is_file());
 }
 
 fn assert_envelope(body: &Bytes, code: &str) {
@@ -611,7 +605,7 @@ async fn upstream_not_found_is_blob_unknown() {
         tmp_files(berth.cache_dir()).is_empty()
     })
     .await;
-    assert!(!cached_path(berth.cache_dir(), &missing).exists());
+    assert!(!blob_path(berth.cache_dir(), &missing).exists());
     // A 404 is not remembered as an error: the blob that exists still pulls.
     pull(&http, &berth, "library/present", &known).await;
 }

@@ -20,13 +20,12 @@ mod common;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::Berth;
+use common::berth::{blob_path, Berth};
 use common::content::{self, Blob, Image, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::{CountingProxy, Record};
@@ -41,15 +40,6 @@ const MIB: usize = 1 << 20;
 const PATIENCE: Duration = Duration::from_secs(30);
 /// berth's upstream read timeout in the stall tests.
 const READ_TIMEOUT: &str = "1s";
-
-fn cached_path(berth: &Berth, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-    berth
-        .cache_dir()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-}
 
 fn tmp_files(berth: &Berth) -> usize {
     std::fs::read_dir(berth.cache_dir().join("tmp"))
@@ -220,7 +210,7 @@ async fn cuts_at_any_offset_are_resumed_with_range_and_clients_get_exact_bytes()
             "only the rest is fetched"
         );
         until("published", || {
-            cached_path(&env.berth, &layer.digest).is_file()
+            blob_path(env.berth.cache_dir(), &layer.digest).is_file()
         })
         .await;
     }
@@ -281,8 +271,11 @@ async fn a_resume_from_an_upstream_that_ignores_range_still_gets_exact_bytes() {
     assert!(gets.iter().all(|g| g.path.ends_with(&layer.digest)));
     assert_eq!(gets[1].range.as_deref(), Some("bytes=1000003-"));
     assert_eq!(gets[1].status, 200, "the upstream ignored the Range");
-    until("published", || cached_path(&berth, &layer.digest).is_file()).await;
-    let on_disk = std::fs::read(cached_path(&berth, &layer.digest)).unwrap();
+    until("published", || {
+        blob_path(berth.cache_dir(), &layer.digest).is_file()
+    })
+    .await;
+    let on_disk = std::fs::read(blob_path(berth.cache_dir(), &layer.digest)).unwrap();
     assert_eq!(content::digest_of(&on_disk), layer.digest);
 }
 
@@ -313,7 +306,7 @@ async fn corrupted_bytes_publish_nothing_and_the_next_request_refetches() {
     })
     .await;
     assert!(
-        !cached_path(&env.berth, &layer.digest).exists(),
+        !blob_path(env.berth.cache_dir(), &layer.digest).exists(),
         "a corrupt blob is never published"
     );
     let metrics = tools::metrics_text(&env.berth.url()).await;
@@ -331,10 +324,10 @@ async fn corrupted_bytes_publish_nothing_and_the_next_request_refetches() {
     assert_eq!(content::digest_of(&body.unwrap()), layer.digest);
     assert_eq!(env.gets_of(&layer.digest).len(), 1, "refetched");
     until("published", || {
-        cached_path(&env.berth, &layer.digest).is_file()
+        blob_path(env.berth.cache_dir(), &layer.digest).is_file()
     })
     .await;
-    let on_disk = std::fs::read(cached_path(&env.berth, &layer.digest)).unwrap();
+    let on_disk = std::fs::read(blob_path(env.berth.cache_dir(), &layer.digest)).unwrap();
     assert_eq!(
         content::digest_of(&on_disk),
         layer.digest,
@@ -359,7 +352,7 @@ async fn a_corrupted_manifest_is_refused_and_not_cached() {
         assert_eq!(m.status, 502, "{reference}: {:?}", m.bytes);
         assert_eq!(tools::oci_code(&m.bytes), "UNKNOWN");
     }
-    assert!(!cached_path(&berth, &image.manifest_digest).exists());
+    assert!(!blob_path(berth.cache_dir(), &image.manifest_digest).exists());
     fake.corrupt_manifests.store(false, Ordering::SeqCst);
     let m = via
         .get_manifest("fake.example/team/app", &image.manifest_digest)
@@ -367,7 +360,7 @@ async fn a_corrupted_manifest_is_refused_and_not_cached() {
         .unwrap();
     assert_eq!(m.status, 200);
     assert_eq!(m.bytes, image.manifest_bytes);
-    assert!(cached_path(&berth, &image.manifest_digest).is_file());
+    assert!(blob_path(berth.cache_dir(), &image.manifest_digest).is_file());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +413,7 @@ async fn stalled_upstream_headers_give_a_5xx_within_the_bound_then_recover() {
             "{method} {url}: answered only after {took:?}"
         );
     }
-    assert!(!cached_path(&env.berth, layer).exists());
+    assert!(!blob_path(env.berth.cache_dir(), layer).exists());
 
     // Healthy again: served (after the circuit breaker's backoff).
     env.proxy.set_delay(Duration::ZERO);
@@ -475,7 +468,7 @@ async fn a_stalled_upstream_body_aborts_clients_within_the_bound_and_publishes_n
         tmp_files(&env.berth) == 0
     })
     .await;
-    assert!(!cached_path(&env.berth, &layer.digest).exists());
+    assert!(!blob_path(env.berth.cache_dir(), &layer.digest).exists());
 
     env.proxy.hold_blob_after(None);
     let (st, body) = fetch(&env.http, &url, None).await;
@@ -740,7 +733,7 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    assert!(!cached_path(&berth, &layer.digest).exists());
+    assert!(!blob_path(berth.cache_dir(), &layer.digest).exists());
 
     // An endpoint on a private address may redirect to private addresses by
     // default (a registry and its storage on one internal network), and
@@ -754,7 +747,7 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
         // Cached by the first registry: the second is a hit.
         assert!(target.blob_gets() <= 1);
     }
-    assert!(cached_path(&berth, &layer.digest).is_file());
+    assert!(blob_path(berth.cache_dir(), &layer.digest).is_file());
 }
 
 /// Upstream credentials stay with their registry: a blob redirect to
@@ -907,7 +900,7 @@ async fn redirects_to_a_name_resolving_to_loopback_are_refused_unless_allowed() 
         "berth connected to the redirect target"
     );
     assert!(target.seen().is_empty());
-    assert!(!cached_path(&berth, &layer.digest).exists());
+    assert!(!blob_path(berth.cache_dir(), &layer.digest).exists());
     let log = berth.log();
     assert!(
         log.lines()
@@ -921,7 +914,7 @@ async fn redirects_to_a_name_resolving_to_loopback_are_refused_unless_allowed() 
     assert_eq!(body.unwrap(), layer.bytes);
     assert!(target.connections.load(Ordering::SeqCst) >= 1);
     assert_eq!(target.seen().len(), 1, "{:?}", target.seen());
-    assert!(cached_path(&berth, &layer.digest).is_file());
+    assert!(blob_path(berth.cache_dir(), &layer.digest).is_file());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

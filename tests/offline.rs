@@ -13,44 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, SystemTime};
 
-use common::berth::{Berth, BERTH_BIN};
+use common::berth::{blob_path, output_text, run_cli, Berth};
 use common::containerd::{write_hosts_toml, Containerd};
 use common::content::{self, Image, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::tools::{self, dead_port};
 use serde_json::Value;
 
-const KIB: usize = 1024;
-
-fn have(tools_needed: &[&str]) -> bool {
-    tools_needed.iter().all(|t| tools::require(t))
-}
-
-/// `berth <args>` to completion, without BERTH_* from the environment.
+/// `berth <args>` to completion, logging at warn.
 async fn berth(args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(BERTH_BIN);
-    cmd.args(args).env("RUST_LOG", "warn");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("BERTH_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.output().await.expect("run berth")
+    run_cli(args, "warn").await
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn blob_path(cache: &Path, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    cache.join("blobs/sha256").join(&hex[..2]).join(hex)
-}
+const KIB: usize = 1024;
 
 /// Pull a tag (every platform of an index) through a registry client.
 async fn pull_all(client: &RegistryClient, repo: &str, tag: &str) -> String {
@@ -95,7 +70,7 @@ fn hosts_dir(berth: &Berth, registries: &[&str]) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_boot_serves_every_image_by_tag_and_digest_to_containerd() {
-    if !have(&["docker-registry", "containerd", "ctr"]) {
+    if !tools::require_all(&["docker-registry", "containerd", "ctr"]) {
         return;
     }
     let mut origin = Origin::start().await;
@@ -215,7 +190,7 @@ async fn offline_boot_serves_every_image_by_tag_and_digest_to_containerd() {
     ];
     args.extend(refs.iter().copied());
     let out = berth(&args).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let node = tempfile::tempdir().unwrap();
     let out = berth(&[
         "import",
@@ -224,7 +199,7 @@ async fn offline_boot_serves_every_image_by_tag_and_digest_to_containerd() {
         node.path().to_str().unwrap(),
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     drop(offline);
     let new_node =
         Berth::start_with_dir(node.path(), &["--upstream", &docker, "--upstream", &ghcr]).await;
@@ -239,7 +214,7 @@ async fn offline_boot_serves_every_image_by_tag_and_digest_to_containerd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_deleted_upstream_is_rejected_unless_serve_stale_is_set() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let origin = Origin::start().await;
@@ -318,7 +293,7 @@ fn image_files(cache: &Path, img: &Image) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_image_survives_an_eviction_storm() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let mut origin = Origin::start().await;
@@ -414,7 +389,7 @@ fn age(files: &[PathBuf], by: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_removes_old_unpinned_content_only() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let origin = Origin::start().await;
@@ -455,7 +430,7 @@ async fn retention_removes_old_unpinned_content_only() {
     };
     let dry = gc(true);
     let out = berth(&dry.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!("would remove {}", old.layers[0].digest)),
@@ -465,7 +440,7 @@ async fn retention_removes_old_unpinned_content_only() {
 
     let real = gc(false);
     let out = berth(&real.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!("removed {} (", old.layers[0].digest))

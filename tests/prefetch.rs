@@ -12,14 +12,14 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{Berth, BERTH_BIN};
+use common::berth::{blob_path, cli_command, output_text, run_cli, Berth};
 use common::content::{self, Image, Index, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -33,45 +33,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const KIB: usize = 1024;
-
-fn have(tools_needed: &[&str]) -> bool {
-    tools_needed.iter().all(|t| tools::require(t))
-}
-
-fn clean_env(cmd: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("BERTH_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-}
-
-/// `berth <args>` to completion.
+/// `berth <args>` to completion, logging at info.
 async fn berth(args: &[&str]) -> Output {
-    let mut cmd = Command::new(BERTH_BIN);
-    cmd.args(args);
-    clean_env(&mut cmd);
-    tokio::process::Command::from(cmd)
-        .output()
-        .await
-        .expect("run berth")
+    run_cli(args, "info").await
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn blob_path(cache: &Path, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    cache.join("blobs/sha256").join(&hex[..2]).join(hex)
-}
+const KIB: usize = 1024;
 
 fn tmp_files(cache: &Path) -> Vec<String> {
     std::fs::read_dir(cache.join("tmp"))
@@ -87,7 +54,7 @@ async fn ls(cache: &Path, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["ls", "--json", "--cache-dir", cache.to_str().unwrap()];
     args.extend_from_slice(extra);
     let out = berth(&args).await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -223,7 +190,7 @@ fn two_platforms(seed: u64, layer: usize) -> Vec<(&'static str, Image)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glob_rules_prefetch_exactly_the_matching_tags_for_one_platform() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let origin = Origin::start().await;
@@ -277,7 +244,7 @@ async fn glob_rules_prefetch_exactly_the_matching_tags_for_one_platform() {
         dir,
     ])
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(
         pager.tag_pages.load(Ordering::SeqCst) >= 3,
         "library/app's 5 tags came in pages of 2"
@@ -392,18 +359,19 @@ async fn slow_origin(seed: u64, layer: usize, rate: Option<u64>) -> (Origin, Cou
 }
 
 fn spawn_prefetch(cache: &Path, up: &str, extra: &[&str]) -> ChildGuard {
-    let mut cmd = Command::new(BERTH_BIN);
-    cmd.args([
-        "prefetch",
-        "--prefetch",
-        "library/big:1",
-        "--upstream",
-        up,
-        "--cache-dir",
-        cache.to_str().unwrap(),
-    ])
-    .args(extra);
-    clean_env(&mut cmd);
+    let mut cmd = cli_command(
+        &[
+            "prefetch",
+            "--prefetch",
+            "library/big:1",
+            "--upstream",
+            up,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+        "info",
+    );
+    cmd.args(extra);
     ChildGuard::spawn("berth-prefetch", cmd).unwrap()
 }
 
@@ -424,7 +392,7 @@ async fn wait_exit(child: &mut ChildGuard, limit: Duration) -> std::process::Exi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_and_sigterm_stop_a_prefetch_promptly_and_cleanly() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     for (seed, sig) in [(400, Signal::SIGINT), (410, Signal::SIGTERM)] {
@@ -474,7 +442,7 @@ async fn sigint_and_sigterm_stop_a_prefetch_promptly_and_cleanly() {
             cache.path().to_str().unwrap(),
         ])
         .await;
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
         let listed = ls(cache.path(), &[]).await;
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0]["complete"], "yes");
@@ -483,7 +451,7 @@ async fn sigint_and_sigterm_stop_a_prefetch_promptly_and_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bandwidth_cap_slows_a_prefetch() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     // 3 x 512 KiB.
@@ -507,7 +475,7 @@ async fn a_bandwidth_cap_slows_a_prefetch() {
         let started = Instant::now();
         let out = berth(&args).await;
         took.push(started.elapsed());
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", output_text(&out));
     }
     eprintln!("uncapped {:?}, capped at 512KiB/s {:?}", took[0], took[1]);
     // 1.5 MiB at 512 KiB/s: about 3 s (minus a small burst credit).
@@ -517,7 +485,7 @@ async fn a_bandwidth_cap_slows_a_prefetch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_prefetches_on_start() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let (_origin, proxy, img) = slow_origin(430, 64 * KIB, None).await;

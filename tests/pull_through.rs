@@ -23,10 +23,6 @@ struct Setup {
     berth: Berth,
 }
 
-fn have(tools_needed: &[&str]) -> bool {
-    tools_needed.iter().all(|t| tools::require(t))
-}
-
 /// origin <- counting proxy <- berth (docker.io and ghcr.io both mirror the origin).
 async fn setup(extra: &[&str]) -> Setup {
     let origin = Origin::start().await;
@@ -73,7 +69,7 @@ fn hosts_for(berth: &Berth, registry: &str) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pull_by_tag_then_fresh_namespace_needs_no_upstream_blobs() {
-    if !have(&["docker-registry", "containerd", "ctr"]) {
+    if !tools::require_all(&["docker-registry", "containerd", "ctr"]) {
         return;
     }
     let s = setup(&[]).await;
@@ -138,7 +134,7 @@ async fn containerd_pull_by_tag_then_fresh_namespace_needs_no_upstream_blobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_docker_manifest_list_by_platform_and_all_platforms() {
-    if !have(&["docker-registry", "containerd", "ctr"]) {
+    if !tools::require_all(&["docker-registry", "containerd", "ctr"]) {
         return;
     }
     let s = setup(&[]).await;
@@ -216,7 +212,7 @@ async fn containerd_pulls_docker_manifest_list_by_platform_and_all_platforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_fetches_oci_index_and_helm_chart() {
-    if !have(&["docker-registry", "containerd", "ctr"]) {
+    if !tools::require_all(&["docker-registry", "containerd", "ctr"]) {
         return;
     }
     let s = setup(&[]).await;
@@ -279,7 +275,7 @@ async fn containerd_fetches_oci_index_and_helm_chart() {
 
 #[tokio::test]
 async fn skopeo_inspects_and_copies_through_path_style_names() {
-    if !have(&["docker-registry", "skopeo"]) {
+    if !tools::require_all(&["docker-registry", "skopeo"]) {
         return;
     }
     let s = setup(&[]).await;
@@ -319,7 +315,7 @@ async fn skopeo_inspects_and_copies_through_path_style_names() {
 
 #[tokio::test]
 async fn tags_are_revalidated_with_head_after_their_ttl() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let s = setup(&["--tag-ttl", "1s"]).await;
@@ -387,7 +383,7 @@ async fn tags_are_revalidated_with_head_after_their_ttl() {
 
 #[tokio::test]
 async fn tag_list_is_passed_through_with_pagination() {
-    if !have(&["docker-registry"]) {
+    if !tools::require_all(&["docker-registry"]) {
         return;
     }
     let s = setup(&[]).await;
@@ -455,7 +451,7 @@ async fn tag_list_is_passed_through_with_pagination() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_images_still_pull_when_the_origin_is_gone() {
-    if !have(&["docker-registry", "containerd", "ctr"]) {
+    if !tools::require_all(&["docker-registry", "containerd", "ctr"]) {
         return;
     }
     let mut s = setup(&["--tag-ttl", "1s", "--connect-timeout", "1s"]).await;

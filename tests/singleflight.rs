@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::berth::Berth;
+use common::berth::{blob_path, Berth};
 use common::content::{self, Blob, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::{CountingProxy, Record};
@@ -95,12 +95,7 @@ impl Env {
 
     /// Where berth publishes a blob.
     fn cached_path(&self, digest: &str) -> std::path::PathBuf {
-        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-        self.berth
-            .cache_dir()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
+        blob_path(self.berth.cache_dir(), digest)
     }
 
     /// The upstream blob GETs, oldest first.

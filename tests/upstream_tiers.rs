@@ -33,12 +33,8 @@ const NAME: &str = "docker.io/library/app";
 /// The hub's path prefix for it.
 const HUB_PATH: &str = "/v2/dockerhub-proxy/library/app/";
 
-fn have(needed: &[&str]) -> bool {
-    needed.iter().all(|t| tools::require(t))
-}
-
 fn have_hub() -> bool {
-    have(&["docker-registry", NGINX_BIN, "openssl"])
+    tools::require_all(&["docker-registry", NGINX_BIN, "openssl"])
 }
 
 /// A berth config file in its own temp dir.

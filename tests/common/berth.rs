@@ -227,3 +227,40 @@ async fn wait_tcp(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Where berth publishes blob `digest` under the cache directory `cache`.
+pub fn blob_path(cache: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    cache.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// `berth <args>` (a command such as `verify` or `prefetch`), without
+/// BERTH_* from the environment, logging at `rust_log`.
+pub fn cli_command(args: &[&str], rust_log: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BERTH_BIN);
+    cmd.args(args).env("RUST_LOG", rust_log);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("BERTH_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// [`cli_command`] run to completion.
+pub async fn run_cli(args: &[&str], rust_log: &str) -> std::process::Output {
+    tokio::process::Command::from(cli_command(args, rust_log))
+        .output()
+        .await
+        .expect("run berth")
+}
+
+/// A command's status and output, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

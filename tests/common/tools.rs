@@ -312,3 +312,8 @@ pub fn oci_code(body: &[u8]) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// Whether every one of `bins` is installed (see [`require`]).
+pub fn require_all(bins: &[&str]) -> bool {
+    bins.iter().all(|b| require(b))
+}
