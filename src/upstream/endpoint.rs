@@ -17,7 +17,7 @@ use super::auth::{parse_challenge, Challenge, TokenCache};
 use super::breaker::Breaker;
 use super::limiter::Limiter;
 use super::resolve::{GuardedResolver, Policy};
-use super::{map_reqwest, redact, retry_after, url_is_private, ManifestHead};
+use super::{connection_dropped, map_reqwest, redact, retry_after, url_is_private, ManifestHead};
 use crate::cache::flight;
 use crate::config::{Config, ConfigError, Credentials, EndpointConfig};
 use crate::error::Error;
@@ -282,20 +282,26 @@ impl Endpoint {
                 req = req.header(header::AUTHORIZATION, h);
             }
             let kind = kind_of(tail);
-            let started = std::time::Instant::now();
-            let sent = req.send().await;
+            let mut started = std::time::Instant::now();
+            let retry = req.try_clone();
+            let mut sent = req.send().await;
+            if let (Err(e), Some(again)) = (&sent, retry) {
+                if connection_dropped(e) {
+                    // A reset or early EOF on a pooled or fresh connection is
+                    // transient: these requests are idempotent, so retry once
+                    // at once (the broken connection has left the pool). Only a
+                    // second drop reaches the breaker.
+                    self.count_request(kind, "error", started);
+                    started = std::time::Instant::now();
+                    tracing::debug!(registry = %self.host, endpoint = %self.label, error = %e, "connection dropped; retrying once on a new connection");
+                    sent = again.send().await;
+                }
+            }
             let status = sent
                 .as_ref()
                 .map(|r| r.status().as_str().to_owned())
                 .unwrap_or_else(|_| "error".into());
-            self.metrics
-                .upstream_requests
-                .with_label_values(&[self.host.as_str(), &self.label, kind, &status])
-                .inc();
-            self.metrics
-                .upstream_duration
-                .with_label_values(&[self.host.as_str(), &self.label, kind])
-                .observe(started.elapsed().as_secs_f64());
+            self.count_request(kind, &status, started);
             let resp = sent.map_err(|e| match map_reqwest(e) {
                 Error::UpstreamTimeout(_) => Error::UpstreamTimeout(self.read_timeout),
                 other => other,
@@ -337,6 +343,18 @@ impl Endpoint {
                 }
             }
         }
+    }
+
+    /// Count one upstream request and its latency.
+    fn count_request(&self, kind: &str, status: &str, started: std::time::Instant) {
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[self.host.as_str(), &self.label, kind, status])
+            .inc();
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[self.host.as_str(), &self.label, kind])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Export Docker Hub's `ratelimit-limit: 100;w=21600` and
@@ -527,7 +545,11 @@ impl Endpoint {
             Some(l) => l.clone().throttle(stream.boxed()),
             None => stream.boxed(),
         };
-        Ok(flight::Body { size, stream })
+        Ok(flight::Body {
+            size,
+            stream,
+            blame: None,
+        })
     }
 
     /// A blob's size. A hub answers 404 to HEAD on a blob it has not cached

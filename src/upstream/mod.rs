@@ -73,18 +73,26 @@ pub struct Upstream {
     /// The registry host clients name.
     pub host: RegistryHost,
     /// Endpoints, tried in order.
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Blobs whose bytes from some endpoints were bad or too slow lately:
+    /// a bit per endpoint index, for an hour.
+    faults: moka::sync::Cache<Digest, u64>,
     /// Serve a cached tag even when upstream answers it is gone.
     pub serve_stale_on_not_found: bool,
     /// Cached content is private (see `RegistryConfig::private`).
     pub private: bool,
 }
 
+/// How long an endpoint that served bad or trickling bytes of a blob is
+/// asked last for that blob.
+const FAULT_MEMORY: Duration = Duration::from_secs(3600);
+
 /// Whether an error from one endpoint should send the request to the next,
 /// and what it tells the breaker.
 fn failure_of(e: &Error) -> Option<Failure> {
     match e {
-        Error::UpstreamUnreachable(_) | Error::UpstreamTimeout(_) => Some(Failure::Transport),
+        Error::UpstreamUnreachable(_) => Some(Failure::Transport),
+        Error::UpstreamTimeout(_) => Some(Failure::Timeout),
         Error::UpstreamThrottled(after) => Some(Failure::Throttled(*after)),
         Error::UpstreamDenied(_) => Some(Failure::Denied),
         Error::UpstreamFailed(_) | Error::DigestMismatch { .. } => Some(Failure::Server),
@@ -101,11 +109,21 @@ impl Upstream {
         let endpoints = reg
             .endpoints
             .iter()
-            .map(|ep| Endpoint::new(&reg.host, ep, config, metrics.clone()))
+            .map(|ep| Endpoint::new(&reg.host, ep, config, metrics.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.len() > 64 {
+            return Err(ConfigError(format!(
+                "registry {}: at most 64 endpoints",
+                reg.host
+            )));
+        }
         Ok(Upstream {
             host: reg.host.clone(),
             endpoints,
+            faults: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(FAULT_MEMORY)
+                .build(),
             serve_stale_on_not_found: reg.serve_stale_on_not_found,
             private: reg.private,
         })
@@ -120,36 +138,52 @@ impl Upstream {
         }
     }
 
-    /// Run `op` on each endpoint in order until one answers. Endpoints whose
-    /// breaker is open are skipped without a request; if all are open, the
-    /// last error (or "all endpoints unavailable") comes back at once.
-    async fn first<'a, T, F, Fut>(&'a self, what: &str, op: F) -> Result<T, Error>
+    /// Run `op` on each endpoint in order until one answers; endpoints in
+    /// `defer` (they failed this very object) are tried after the others.
+    /// Endpoints whose breaker is open are skipped without a request; if
+    /// every one is open, one request at a time still probes them (see
+    /// [`breaker`]) and the others get the last error at once.
+    async fn first<'a, T, F, Fut>(&'a self, what: &str, defer: u64, op: F) -> Result<T, Error>
     where
-        F: Fn(&'a Endpoint) -> Fut,
+        F: Fn(&'a Arc<Endpoint>) -> Fut,
         Fut: Future<Output = Result<T, Error>> + 'a,
     {
+        let n = self.endpoints.len();
+        let order = (0..n)
+            .filter(|i| defer & (1 << i) == 0)
+            .chain((0..n).filter(|i| defer & (1 << i) != 0));
         let mut last = None;
-        for ep in &self.endpoints {
-            if !ep.breaker.allow() {
-                tracing::debug!(registry = %self.host, endpoint = %ep.label, what, "endpoint skipped: circuit open");
-                continue;
+        let mut tried = false;
+        for last_resort in [false, true] {
+            if last_resort && tried {
+                break;
             }
-            match op(ep).await {
-                Ok(v) => {
-                    ep.breaker.success();
-                    return Ok(v);
+            for i in order.clone() {
+                let ep = &self.endpoints[i];
+                let Some(admitted) = ep.breaker.admit(last_resort) else {
+                    if !last_resort {
+                        tracing::debug!(registry = %self.host, endpoint = %ep.label, what, "endpoint skipped: circuit open");
+                    }
+                    continue;
+                };
+                tried = true;
+                match op(ep).await {
+                    Ok(v) => {
+                        admitted.success();
+                        return Ok(v);
+                    }
+                    Err(e) => match failure_of(&e) {
+                        Some(f) => {
+                            admitted.failure(f);
+                            tracing::warn!(registry = %self.host, endpoint = %ep.label, what, error = %e, detail = ?e.detail(), "upstream endpoint failed; trying the next");
+                            last = Some(e);
+                        }
+                        None => {
+                            admitted.success();
+                            return Err(e);
+                        }
+                    },
                 }
-                Err(e) => match failure_of(&e) {
-                    Some(f) => {
-                        ep.breaker.failure(f);
-                        tracing::warn!(registry = %self.host, endpoint = %ep.label, what, error = %e, detail = ?e.detail(), "upstream endpoint failed; trying the next");
-                        last = Some(e);
-                    }
-                    None => {
-                        ep.breaker.success();
-                        return Err(e);
-                    }
-                },
             }
         }
         Err(last.unwrap_or_else(|| {
@@ -166,7 +200,7 @@ impl Upstream {
         repo: &Repository,
         reference: &Reference,
     ) -> Result<ManifestHead, Error> {
-        self.first("manifest HEAD", |ep| ep.head_manifest(repo, reference))
+        self.first("manifest HEAD", 0, |ep| ep.head_manifest(repo, reference))
             .await
     }
 
@@ -178,7 +212,7 @@ impl Upstream {
         reference: &Reference,
         expect: Option<&Digest>,
     ) -> Result<(String, Bytes), Error> {
-        self.first("manifest GET", |ep| async move {
+        self.first("manifest GET", 0, |ep| async move {
             let (mt, bytes) = ep.get_manifest(repo, reference).await?;
             if let Some(expected) = expect {
                 let actual = Digest::of(&bytes);
@@ -194,19 +228,43 @@ impl Upstream {
     }
 
     /// Open a blob's body at `offset` on the first endpoint that serves it.
+    /// Endpoints whose bytes for this blob failed verification or trickled
+    /// below the minimum rate lately are asked last; the body carries a
+    /// [`flight::Blame`] that records such a fault against its endpoint.
     pub async fn open_blob(
         &self,
         repo: &Repository,
         digest: &Digest,
         offset: u64,
     ) -> Result<flight::Body, Error> {
-        self.first("blob GET", |ep| ep.open_blob(repo, digest, offset))
-            .await
+        let defer = self.faults.get(digest).unwrap_or(0);
+        self.first("blob GET", defer, |ep| async move {
+            let mut body = ep.open_blob(repo, digest, offset).await?;
+            let index = self
+                .endpoints
+                .iter()
+                .position(|e| Arc::ptr_eq(e, ep))
+                .expect("endpoint of this upstream");
+            let (faults, ep, d) = (self.faults.clone(), ep.clone(), digest.clone());
+            let endpoints = self.endpoints.len();
+            body.blame = Some(Box::new(move |fault| {
+                if fault == flight::Fault::Mismatch {
+                    ep.metrics.digest_mismatches.inc();
+                }
+                tracing::warn!(registry = %ep.host, endpoint = %ep.label, digest = %d, ?fault, "endpoint failed this blob; the next attempt asks the next endpoint first");
+                ep.breaker.failure(Failure::Server);
+                let bits = faults.get(&d).unwrap_or(0) | (1 << index);
+                faults.insert(d.clone(), bits);
+                bits.count_ones() < endpoints as u32
+            }));
+            Ok(body)
+        })
+        .await
     }
 
     /// A blob's size.
     pub async fn head_blob(&self, repo: &Repository, digest: &Digest) -> Result<u64, Error> {
-        self.first("blob HEAD", |ep| ep.head_blob(repo, digest))
+        self.first("blob HEAD", 0, |ep| ep.head_blob(repo, digest))
             .await
     }
 
@@ -217,7 +275,7 @@ impl Upstream {
         tail: &str,
         accept: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, Error> {
-        self.first("relay", |ep| async move {
+        self.first("relay", 0, |ep| async move {
             let resp = ep.passthrough(repo, tail, accept).await?;
             match resp.status().as_u16() {
                 401 | 403 => Err(Error::UpstreamDenied(resp.status().as_u16())),
@@ -288,6 +346,26 @@ pub(crate) fn url_is_private(url: &Url) -> bool {
     }
 }
 
+/// Whether the connection was reset or closed before a complete response
+/// (after it was established): transient, worth one immediate retry on a
+/// new connection.
+pub(crate) fn connection_dropped(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() {
+        return false;
+    }
+    std::iter::successors(std::error::Error::source(e), |s| s.source()).any(|c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                use std::io::ErrorKind::*;
+                matches!(
+                    io.kind(),
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                )
+            })
+    })
+}
+
 /// Map a transport error without leaking the URL's query string.
 pub(crate) fn map_reqwest(e: reqwest::Error) -> Error {
     let what = e.url().map(redact).unwrap_or_default();
@@ -298,17 +376,7 @@ pub(crate) fn map_reqwest(e: reqwest::Error) -> Error {
         .last()
         .map(|c| format!(": {c}"))
         .unwrap_or_default();
-    let closed = causes().any(|c| {
-        c.downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
-            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                use std::io::ErrorKind::*;
-                matches!(
-                    io.kind(),
-                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-                )
-            })
-    });
+    let closed = connection_dropped(&e);
     let refused = causes().find_map(|c| c.downcast_ref::<resolve::Refused>());
     if let Some(refused) = refused {
         // The SSRF guard's own refusal: an upstream failure, not a dead host.
