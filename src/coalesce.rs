@@ -56,13 +56,12 @@ where
                     // The call forgets itself when done, even if every
                     // caller went away meanwhile (a client that disconnects
                     // drops its `run`): a finished call must never be joined.
+                    // The guard forgets it however the task ends: done,
+                    // panicked or cancelled (runtime shutdown), so a key is
+                    // never stuck with a dead call.
                     let task = tokio::spawn(async move {
-                        let out = work.await;
-                        let mut calls = table.lock().expect("coalescer lock");
-                        if calls.get(&k).is_some_and(|(i, _)| *i == id) {
-                            calls.remove(&k);
-                        }
-                        out
+                        let _forget = Forget { table, key: k, id };
+                        work.await
                     });
                     let f = async move {
                         task.await
@@ -76,6 +75,27 @@ where
             }
         };
         (fut.await, joined)
+    }
+}
+
+/// Removes call `id` of `key` from the table when dropped.
+struct Forget<K: Hash + Eq, V: Clone> {
+    table: Table<K, V>,
+    key: K,
+    id: u64,
+}
+
+impl<K: Hash + Eq, V: Clone> Drop for Forget<K, V> {
+    fn drop(&mut self) {
+        // Never panic in drop (it may run during unwinding): a poisoned
+        // lock still holds a usable map.
+        let mut calls = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if calls.get(&self.key).is_some_and(|(i, _)| *i == self.id) {
+            calls.remove(&self.key);
+        }
     }
 }
 
@@ -109,6 +129,23 @@ mod tests {
         // Finished calls are forgotten: the next one runs again.
         let (v, joined) = c.run("k", || async { Ok(8) }).await;
         assert_eq!((v.unwrap(), joined), (8, false));
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_is_forgotten_and_the_next_one_runs() {
+        let c: Arc<Coalescer<&'static str, u32>> = Arc::default();
+        let (v, _) = c
+            .run("k", || async {
+                if true {
+                    panic!("injected");
+                }
+                Ok(1)
+            })
+            .await;
+        assert!(v.is_err(), "the panic is an error for its callers");
+        assert!(c.calls.lock().unwrap().is_empty(), "nothing left behind");
+        let (v, joined) = c.run("k", || async { Ok(2) }).await;
+        assert_eq!((v.unwrap(), joined), (2, false), "a fresh call");
     }
 
     #[tokio::test]

@@ -339,6 +339,14 @@ pub struct ServeArgs {
     /// Upstream read timeout: a stalled upstream body fails after this long.
     #[arg(long, env = "BERTH_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     pub read_timeout: Option<Duration>,
+    /// Minimum upstream body rate (`16KiB` per second, `0` = none), averaged
+    /// over each read-timeout window; a slower body moves to the next endpoint.
+    #[arg(long, env = "BERTH_MIN_RATE")]
+    pub min_rate: Option<String>,
+    /// A download hands out no byte for this long, so a blob that arrives
+    /// within it is verified before any byte is served (`0s`: stream at once).
+    #[arg(long, env = "BERTH_VERIFY_HOLD", value_parser = humantime::parse_duration)]
+    pub verify_hold: Option<Duration>,
     /// Clients must send a request's headers within this time; slower (or
     /// silent) connections are closed (slow-loris guard).
     #[arg(long, env = "BERTH_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
@@ -371,6 +379,9 @@ pub struct FileConfig {
     connect_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     read_timeout: Option<Duration>,
+    min_rate: Option<String>,
+    #[serde(with = "humantime_serde")]
+    verify_hold: Option<Duration>,
     #[serde(with = "humantime_serde")]
     header_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
@@ -479,6 +490,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Upstream read (stall) timeout.
     pub read_timeout: Duration,
+    /// Minimum upstream body rate in bytes per second (0: none).
+    pub min_rate: u64,
+    /// How long a download holds its bytes back for verification.
+    pub verify_hold: Duration,
     /// Client request-header read timeout (slow-loris guard).
     pub header_timeout: Duration,
     /// Client connection idle timeout (no open request, no traffic).
@@ -528,6 +543,10 @@ pub const DEFAULT_CAPACITY: Capacity = Capacity::Share(0.5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default read timeout.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default minimum upstream body rate (bytes per second).
+pub const DEFAULT_MIN_RATE: u64 = 16 * 1024;
+/// Default verification hold of a download.
+pub const DEFAULT_VERIFY_HOLD: Duration = Duration::from_secs(1);
 /// Default client header read timeout.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default client idle timeout (nginx's `keepalive_timeout` is 75 s).
@@ -695,6 +714,21 @@ impl Config {
                 },
                 max_tags: fp.max_tags.unwrap_or(20).max(1),
             };
+        let min_rate = match args
+            .min_rate
+            .clone()
+            .or(file.min_rate.clone())
+            .as_deref()
+            .map(parse_capacity)
+        {
+            None => DEFAULT_MIN_RATE,
+            Some(Ok(Capacity::Bytes(b))) => b,
+            Some(_) => {
+                return Err(err(
+                    "min_rate: expected a byte rate such as \"16KiB\" (per second), or 0",
+                ))
+            }
+        };
         Ok(Config {
             listen,
             cache_dir: args
@@ -713,6 +747,11 @@ impl Config {
                 .read_timeout
                 .or(file.read_timeout)
                 .unwrap_or(DEFAULT_READ_TIMEOUT),
+            min_rate,
+            verify_hold: args
+                .verify_hold
+                .or(file.verify_hold)
+                .unwrap_or(DEFAULT_VERIFY_HOLD),
             header_timeout,
             idle_timeout,
             send_timeout,

@@ -80,8 +80,13 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     };
     // Before opening (which empties tmp/): never share a cache with a live daemon.
     let lock = cache::store::lock(&config.cache_dir)?;
-    let cache = cache::Cache::open(&config.cache_dir, capacity, config.pins.clone())
+    let mut cache = cache::Cache::open(&config.cache_dir, capacity, config.pins.clone())
         .with_context(|| format!("cannot open cache directory {}", config.cache_dir.display()))?;
+    cache.flight_policy = cache::flight::Policy {
+        verify_hold: config.verify_hold,
+        min_rate: config.min_rate,
+        rate_window: config.read_timeout,
+    };
     let metrics = metrics::Metrics::register().context("registering metrics")?;
     let upstreams =
         upstream::Upstreams::new(&config, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -90,6 +90,8 @@ pub struct Cache {
     pub flights: Arc<Flights>,
     /// Which registries are known to serve private content.
     pub provenance: Arc<Provenance>,
+    /// How downloads treat unverified and slow bytes.
+    pub flight_policy: flight::Policy,
     /// Small in-memory copies of hot manifests (bounded, 64 MiB).
     manifests: moka::sync::Cache<Digest, Manifest>,
     /// Tag records read from disk or written recently.
@@ -177,6 +179,7 @@ impl Cache {
             index,
             flights: Arc::new(Flights::default()),
             provenance,
+            flight_policy: flight::Policy::default(),
             manifests: moka::sync::Cache::builder()
                 .max_capacity(64 << 20)
                 .weigher(|_, m: &Manifest| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
@@ -364,6 +367,7 @@ impl Cache {
             index: self.index.clone(),
             provenance: self.provenance.clone(),
             origin,
+            policy: self.flight_policy,
         }
     }
 }
