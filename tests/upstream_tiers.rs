@@ -335,10 +335,11 @@ async fn dead_hub_falls_back_to_origin_and_is_contacted_once() {
         contacted >= 1,
         "the hub was tried first: {contacted} connections"
     );
-    // A connection closed before any response is a transport failure: the
-    // breaker opens at once, as for a refused connection.
+    // A connection closed before any response is retried once at once (a
+    // single reset is transient); dropped again, it is a transport failure
+    // and the breaker opens, as for a refused connection.
     assert!(
-        contacted == 1,
+        contacted <= 2,
         "a hub that drops connections is skipped after a short run, not tried for each of {requests_per_pull} requests: {contacted}"
     );
     drop(berth);

@@ -50,6 +50,10 @@ struct Knobs {
     /// Cut limits for the next blob GETs only, consumed one per blob GET.
     cut_blob_once: Vec<u64>,
     corrupt_blob: bool,
+    /// Corrupt only the next this many blob GETs.
+    corrupt_blob_next: u32,
+    /// Drop the next this many requests unanswered (connection closed).
+    drop_next: u32,
     /// Pace blob bodies to this many bytes per second (read live by every body).
     body_rate: Option<u64>,
     /// Stall blob bodies once they have forwarded this many bytes (read live).
@@ -207,6 +211,17 @@ impl CountingProxy {
     }
 
     /// For blob GETs, flip (XOR 0xff) the first body byte.
+    /// Corrupt (flip the first byte of) only the next `n` blob GETs.
+    pub fn corrupt_blob_next(&self, n: u32) {
+        self.shared.knobs.lock().unwrap().corrupt_blob_next = n;
+    }
+
+    /// Close the connection of the next `n` requests without an answer (a
+    /// reset or early EOF for the client); later requests pass.
+    pub fn drop_next(&self, n: u32) {
+        self.shared.knobs.lock().unwrap().drop_next = n;
+    }
+
     pub fn corrupt_blob(&self, on: bool) {
         self.shared.knobs.lock().unwrap().corrupt_blob = on;
     }
@@ -338,7 +353,16 @@ async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, BoxError> {
-    let knobs = shared.knobs.lock().unwrap().clone();
+    let knobs = {
+        let mut k = shared.knobs.lock().unwrap();
+        if k.drop_next > 0 {
+            k.drop_next -= 1;
+            drop(k);
+            shared.refused.fetch_add(1, Ordering::SeqCst);
+            return Err("CountingProxy: dropping this request".into());
+        }
+        k.clone()
+    };
     if knobs.refuse {
         // An error from the service makes hyper close the connection unanswered.
         shared.refused.fetch_add(1, Ordering::SeqCst);
@@ -410,11 +434,16 @@ async fn handle(
         r.status = status;
         r.completed = body.is_end_stream();
     }
-    let cut_once = if is_blob_get {
+    let (cut_once, corrupt_once) = if is_blob_get {
         let mut k = shared.knobs.lock().unwrap();
-        (!k.cut_blob_once.is_empty()).then(|| k.cut_blob_once.remove(0))
+        let corrupt = k.corrupt_blob_next > 0;
+        k.corrupt_blob_next = k.corrupt_blob_next.saturating_sub(1);
+        (
+            (!k.cut_blob_once.is_empty()).then(|| k.cut_blob_once.remove(0)),
+            corrupt,
+        )
     } else {
-        None
+        (None, false)
     };
     let counting = CountingBody {
         inner: body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
@@ -428,7 +457,7 @@ async fn handle(
         } else {
             None
         },
-        corrupt: is_blob_get && knobs.corrupt_blob,
+        corrupt: is_blob_get && (knobs.corrupt_blob || corrupt_once),
         paced: is_blob_get,
         pending: Bytes::new(),
         pace_wait: None,
