@@ -114,3 +114,99 @@ async fn readyz_is_503_while_shutdown_drains_in_flight_requests() {
     );
     assert!(berth.log().contains("shutting down"));
 }
+
+/// Set the modification time (berth's "last used") of `files` back by `by`.
+fn age(files: &[std::path::PathBuf], by: Duration) {
+    let t = std::time::SystemTime::now() - by;
+    for f in files {
+        let file = std::fs::File::options().write(true).open(f).unwrap();
+        file.set_modified(t).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_written_the_docker_way_protect_library_images_from_retention() {
+    use common::berth::{blob_path, output_text, run_cli};
+    use common::content::{self, MediaKind, RegistryClient};
+    if !tools::require_all(&["docker-registry"]) {
+        return;
+    }
+    let origin = common::origin::Origin::start().await;
+    let nginx = content::build_image(900, 2, 16 * 1024, MediaKind::Oci, "amd64");
+    let other = content::build_image(901, 2, 16 * 1024, MediaKind::Oci, "amd64");
+    content::push_image(&origin.url(), "library/nginx", "1.27", &nginx)
+        .await
+        .unwrap();
+    content::push_image(&origin.url(), "library/other", "1", &other)
+        .await
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let up = format!("docker.io={}", origin.url());
+    let b = Berth::start_with_dir(cache.path(), &["--upstream", &up]).await;
+    let client = RegistryClient::new(&b.url());
+    for (repo, tag, img) in [
+        ("library/nginx", "1.27", &nginx),
+        ("library/other", "1", &other),
+    ] {
+        client.get_manifest(repo, tag).await.unwrap();
+        for blob in img.blobs() {
+            client.get_blob(repo, &blob.digest).await.unwrap();
+        }
+    }
+    b.stop();
+    let files = |img: &content::Image| -> Vec<_> {
+        img.blobs()
+            .map(|bl| blob_path(cache.path(), &bl.digest))
+            .collect()
+    };
+    age(&files(&nginx), Duration::from_secs(7200));
+    age(&files(&other), Duration::from_secs(7200));
+
+    // `berth gc --dry-run` with each way of writing the pin: nginx is kept.
+    for pin in ["nginx", "docker.io/nginx:1.27", "index.docker.io/nginx"] {
+        let out = run_cli(
+            &[
+                "gc",
+                "--dry-run",
+                "--retention",
+                "1h",
+                "--pin",
+                pin,
+                "--cache-dir",
+                dir,
+            ],
+            "warn",
+        )
+        .await;
+        assert!(out.status.success(), "{}", output_text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("would remove {}", other.layers[0].digest)),
+            "{pin}: {stdout}"
+        );
+        for blob in nginx.blobs() {
+            assert!(!stdout.contains(&blob.digest), "{pin} pins nginx: {stdout}");
+        }
+    }
+
+    // The daemon's retention at start, with the pin as users write it.
+    let b = Berth::start_with_dir(
+        cache.path(),
+        &["--upstream", &up, "--pin", "nginx", "--retention", "1h"],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while files(&other).iter().any(|f| f.exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon's retention did not run:\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        files(&nginx).iter().all(|f| f.is_file()),
+        "`--pin nginx` keeps docker.io/library/nginx"
+    );
+}
