@@ -90,7 +90,10 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let metrics = metrics::Metrics::register().context("registering metrics")?;
     let upstreams =
         upstream::Upstreams::new(&config, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(AppState::new(config, cache, upstreams, metrics, lock))
+    let state = AppState::new(config, cache, upstreams, metrics, lock);
+    // `Cache::open` loaded the index (before any listener is bound).
+    state.readiness.index_loaded();
+    Ok(state)
 }
 
 /// Serve the registry API (and, if given, the metrics listener) until
@@ -102,8 +105,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let st = state.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // /readyz says 503 from the first moment of the drain.
+        st.readiness.draining();
         let _ = tx.send(true);
     });
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -131,12 +137,20 @@ pub async fn serve(
         });
     }
     admin::prefetch::spawn_schedule(&state, wait(rx.clone()));
+    // The probe listener outlives the registry listener's drain, so that
+    // probes see /readyz 503 (not a refused connection) until the end.
+    let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
     let metrics = metrics_listener.map(|l| {
         let st = state.clone();
-        let rx = rx.clone();
-        tokio::spawn(async move { server::run(l, st, server::Role::Metrics, wait(rx)).await })
+        tokio::spawn(async move {
+            server::run(l, st, server::Role::Metrics, async {
+                let _ = drained.await;
+            })
+            .await
+        })
     });
     server::run(listener, state, server::Role::Registry, wait(rx)).await;
+    let _ = drained_tx.send(());
     if let Some(m) = metrics {
         let _ = m.await;
     }

@@ -2,13 +2,16 @@
 //! across segments), used for pins (never evicted) and prefetch. A rule is
 //! `[registry/]repository[:tag]`: `library/*:1.*`, `**/etcd:**`,
 //! `ghcr.io/org/app:v2`. Without a registry it matches every registry; a
-//! missing tag matches every tag.
+//! missing tag matches every tag. Names are read the way docker and
+//! containerd read them: `index.docker.io` is `docker.io`, and a
+//! single-component repository on docker.io is under `library/`, so
+//! `nginx` and `docker.io/nginx:1.27` cover `docker.io/library/nginx`.
 
 use std::fmt;
 
 use regex::Regex;
 
-use crate::registry::RegistryHost;
+use crate::registry::{docker_repository, split_image_name, split_tag, RegistryHost};
 
 /// One parsed rule.
 #[derive(Clone)]
@@ -16,6 +19,10 @@ pub struct Rule {
     text: String,
     registry: Option<RegistryHost>,
     repo: Regex,
+    /// For a rule without a registry and a one-component repository
+    /// (`nginx`, `redis*`): the same pattern under `library/`, which is
+    /// what it names on docker.io.
+    docker_library: Option<Regex>,
     tag: Regex,
     /// The literal tag when the tag part has no wildcard (prefetch can then
     /// skip listing tags).
@@ -64,33 +71,43 @@ impl Rule {
         if t.is_empty() {
             return Err("an empty image rule".into());
         }
-        let (registry, rest) = match t.split_once('/') {
-            Some((first, rest)) if RegistryHost::looks_like_host(first) && !first.contains('*') => {
-                (
-                    Some(
-                        first
-                            .parse::<RegistryHost>()
-                            .map_err(|_| format!("{first:?} is not a registry host"))?,
-                    ),
-                    rest,
-                )
+        let (registry, repo, tag) = match split_image_name(t) {
+            // A glob in the first component is a repository pattern.
+            (Some(r), ..) if r.contains('*') => {
+                let (repo, tag) = split_tag(t);
+                (None, repo, tag)
             }
-            _ => (None, t),
+            parts => parts,
         };
-        // The tag separator is the last ':' after the last '/'.
-        let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
-        let (repo, tag) = match rest[slash..].rfind(':') {
-            Some(i) => (&rest[..slash + i], &rest[slash + i + 1..]),
-            None => (rest, "**"),
+        let tag = tag.unwrap_or("**");
+        let registry = registry
+            .map(|r| {
+                r.parse::<RegistryHost>()
+                    .map(RegistryHost::docker_normalized)
+                    .map_err(|_| format!("{r:?} is not a registry host"))
+            })
+            .transpose()?;
+        // `**` may span segments, so only a one-segment pattern is Docker's
+        // official-image shorthand.
+        let official = !repo.contains('/') && !repo.contains("**");
+        let repo = match &registry {
+            Some(r) if official => docker_repository(r, repo),
+            _ => repo.into(),
         };
+        let repo = repo.as_ref();
         if repo.is_empty() || tag.is_empty() {
             return Err(format!("{text:?}: expected [registry/]repository[:tag]"));
         }
         let wild = |s: &str| s.contains('*') || s.contains('?');
+        let docker_library = (registry.is_none() && official)
+            .then(|| glob(&format!("library/{repo}")))
+            .transpose()
+            .map_err(|e| format!("{text:?}: {e}"))?;
         Ok(Rule {
             text: t.to_owned(),
             registry,
             repo: glob(repo).map_err(|e| format!("{text:?}: {e}"))?,
+            docker_library,
             tag: glob(tag).map_err(|e| format!("{text:?}: {e}"))?,
             literal_tag: (!wild(tag)).then(|| tag.to_owned()),
             literal_repo: (!wild(repo)).then(|| repo.to_owned()),
@@ -104,7 +121,17 @@ impl Rule {
 
     /// Whether `registry/repo` is covered (any tag).
     pub fn matches_repo(&self, registry: &RegistryHost, repo: &str) -> bool {
-        self.registry.as_ref().is_none_or(|r| r == registry) && self.repo.is_match(repo)
+        match &self.registry {
+            Some(r) => r == registry && self.repo.is_match(repo),
+            None => {
+                self.repo.is_match(repo)
+                    || (registry.is_docker_hub()
+                        && self
+                            .docker_library
+                            .as_ref()
+                            .is_some_and(|l| l.is_match(repo)))
+            }
+        }
     }
 
     /// Whether `registry/repo:tag` is covered.
@@ -167,6 +194,46 @@ mod tests {
         let r = Rule::parse("localhost:5000/team/*").unwrap();
         assert!(r.matches(&h("localhost:5000"), "team/x", "anything"));
         assert!(r.literal_tag.is_none());
+    }
+
+    #[test]
+    fn docker_style_names() {
+        let hub = h("docker.io");
+        for rule in [
+            "nginx",
+            "nginx:1.27",
+            "docker.io/nginx:1.27",
+            "docker.io/nginx",
+            "index.docker.io/nginx:1.27",
+            "docker.io/library/nginx:1.27",
+            "ngi*:1.*",
+        ] {
+            let r = Rule::parse(rule).unwrap();
+            assert!(r.matches(&hub, "library/nginx", "1.27"), "{rule}");
+            assert!(!r.matches(&hub, "library/redis", "1.27"), "{rule}");
+            assert!(!r.matches(&hub, "someone/nginx", "1.27"), "{rule}");
+        }
+        let r = Rule::parse("docker.io/nginx").unwrap();
+        assert_eq!(r.registry(), Some(&hub));
+        assert_eq!(r.literal_repo.as_deref(), Some("library/nginx"));
+        assert!(!r.matches(&h("quay.io"), "nginx", "1"), "docker.io only");
+        assert_eq!(
+            Rule::parse("index.docker.io/bitnami/redis")
+                .unwrap()
+                .registry(),
+            Some(&hub)
+        );
+        // Without a registry a rule still matches every registry as written.
+        let r = Rule::parse("nginx").unwrap();
+        assert!(r.matches(&h("quay.io"), "nginx", "1"));
+        assert!(!r.matches(&h("quay.io"), "library/nginx", "1"));
+        // `**` spans segments: no `library/` shorthand for it.
+        assert!(Rule::parse("docker.io/**")
+            .unwrap()
+            .matches(&hub, "a/b", "1"));
+        assert!(Rule::parse("*/etcd")
+            .unwrap()
+            .matches(&hub, "coreos/etcd", "1"));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The one value every handler receives: configuration, cache, upstreams,
 //! metrics and the coalescing tables. Cheap to clone (an `Arc` inside).
+//! Also the [`Readiness`] that `/readyz` reports.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::cache::{Cache, Manifest};
@@ -29,8 +30,9 @@ pub struct Inner {
     pub heads: Coalescer<(RegistryHost, Repository, Reference), ManifestHead>,
     /// Manifest downloads in progress.
     pub manifest_fetches: Coalescer<(RegistryHost, Repository, Reference), Manifest>,
-    /// Set once the cache index is loaded.
-    pub ready: AtomicBool,
+    /// What `/readyz` reports: ready once the cache index is loaded, not
+    /// ready again from the start of shutdown.
+    pub readiness: Readiness,
     /// The cache directory's lock, held for the daemon's lifetime.
     _lock: std::fs::File,
 }
@@ -51,7 +53,7 @@ impl AppState {
             metrics,
             heads: Coalescer::default(),
             manifest_fetches: Coalescer::default(),
-            ready: AtomicBool::new(true),
+            readiness: Readiness::default(),
             _lock: lock,
         }))
     }
@@ -61,5 +63,57 @@ impl std::ops::Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {
         &self.0
+    }
+}
+
+/// Whether berth should get traffic (`/readyz`): `Loading` until the cache
+/// index is loaded, `Ready`, then `Draining` from the start of shutdown on
+/// (final), so that load balancers and the kubelet stop sending requests
+/// while in-flight responses finish.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicU8);
+
+const LOADING: u8 = 0;
+const READY: u8 = 1;
+const DRAINING: u8 = 2;
+
+impl Readiness {
+    /// The cache index is loaded: ready, unless shutdown already began.
+    pub fn index_loaded(&self) {
+        let _ = self
+            .0
+            .compare_exchange(LOADING, READY, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Shutdown began: not ready from now on.
+    pub fn draining(&self) {
+        self.0.store(DRAINING, Ordering::Release);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire) == READY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readiness;
+
+    #[test]
+    fn ready_only_between_index_load_and_shutdown() {
+        let r = Readiness::default();
+        assert!(!r.is_ready(), "not ready before the index is loaded");
+        r.index_loaded();
+        assert!(r.is_ready());
+        r.draining();
+        assert!(!r.is_ready(), "not ready once shutdown began");
+        r.index_loaded();
+        assert!(!r.is_ready(), "draining is final");
+
+        let r = Readiness::default();
+        r.draining();
+        r.index_loaded();
+        assert!(!r.is_ready(), "shutdown before the load finished");
     }
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::cache::store::Store;
 use crate::registry::manifest::{children, Child};
 use crate::registry::media_type;
-use crate::registry::{Digest, RegistryHost, Repository, Tag};
+use crate::registry::{docker_repository, split_image_name, Digest, RegistryHost, Repository, Tag};
 
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,25 +54,15 @@ impl ImageRef {
             ),
             None => (s, None),
         };
-        let (registry, path) = match rest.split_once('/') {
-            Some((first, path)) if RegistryHost::looks_like_host(first) => (
-                first
-                    .parse::<RegistryHost>()
-                    .map_err(|_| format!("{s:?}: {first:?} is not a registry host"))?,
-                path,
-            ),
-            _ => (default_registry.clone(), rest),
+        let (registry, repo, tag) = split_image_name(rest);
+        let registry = match registry {
+            Some(r) => r
+                .parse::<RegistryHost>()
+                .map_err(|_| format!("{s:?}: {r:?} is not a registry host"))?
+                .docker_normalized(),
+            None => default_registry.clone(),
         };
-        let slash = path.rfind('/').map(|i| i + 1).unwrap_or(0);
-        let (repo, tag) = match path[slash..].rfind(':') {
-            Some(i) => (&path[..slash + i], Some(&path[slash + i + 1..])),
-            None => (path, None),
-        };
-        let repo = if registry.as_str() == "docker.io" && !repo.contains('/') {
-            format!("library/{repo}")
-        } else {
-            repo.to_owned()
-        };
+        let repo = docker_repository(&registry, repo);
         let repo: Repository = repo
             .parse()
             .map_err(|_| format!("{s:?}: {repo:?} is not a repository name"))?;

@@ -26,7 +26,6 @@ pub mod progress;
 pub mod verify;
 
 use std::fs::File;
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 
 use crate::cache::store::{self, LockError};
@@ -134,9 +133,7 @@ pub fn capacity_bytes(config: &Config) -> Result<u64, AdminError> {
 }
 
 /// Whether stderr is a terminal (progress bars) or a log (log lines).
-pub fn stderr_is_terminal() -> bool {
-    std::io::stderr().is_terminal()
-}
+pub use crate::telemetry::stderr_is_terminal;
 
 /// Install logging for an admin command: `RUST_LOG` or `default_level`,
 /// to stderr, through `writer` (which keeps progress bars intact).
@@ -147,7 +144,7 @@ pub fn init_logging(format: LogFormat, default_level: &str, writer: progress::Lo
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(stderr_is_terminal());
+        .with_ansi(crate::telemetry::colour());
     let _ = match format {
         LogFormat::Json => builder
             .json()

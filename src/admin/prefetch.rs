@@ -246,7 +246,8 @@ async fn resolve_rule(
         .get(&registry)
         .ok_or_else(|| format!("registry {registry} is not mirrored"))?;
     let repos: Vec<String> = match &rule.literal_repo {
-        Some(r) => vec![r.clone()],
+        // `nginx` on docker.io is `library/nginx`, as docker reads it.
+        Some(r) => vec![crate::registry::docker_repository(&registry, r).into_owned()],
         None => listing::repositories(up, opts.page_size)
             .await
             .map_err(|e| e.to_string())?

@@ -10,4 +10,6 @@ pub mod reference;
 
 pub use digest::Digest;
 pub use error_code::ErrorCode;
-pub use reference::{Reference, RegistryHost, Repository, Tag};
+pub use reference::{
+    docker_repository, split_image_name, split_tag, Reference, RegistryHost, Repository, Tag,
+};

@@ -2,6 +2,7 @@
 //! that can only be built through the distribution-spec grammar (anchored),
 //! so that a value that exists is safe as a path component.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::LazyLock;
@@ -127,6 +128,57 @@ impl RegistryHost {
     pub fn looks_like_host(segment: &str) -> bool {
         segment.contains('.') || segment.contains(':') || segment == "localhost"
     }
+
+    /// Docker Hub's canonical name: `index.docker.io` (the legacy name the
+    /// docker CLI and containerd rewrite) is `docker.io`.
+    pub fn docker_normalized(self) -> RegistryHost {
+        if self.0 == "index.docker.io" {
+            RegistryHost(DOCKER_HUB.to_owned())
+        } else {
+            self
+        }
+    }
+
+    /// Whether this is Docker Hub (`docker.io`).
+    pub fn is_docker_hub(&self) -> bool {
+        self.0 == DOCKER_HUB
+    }
+}
+
+/// Docker Hub's registry name.
+const DOCKER_HUB: &str = "docker.io";
+
+/// The parts of an image name as people write it, split the way docker
+/// does (nothing validated yet): `(registry, repository, tag)`. The first
+/// path component is a registry when it looks like a host
+/// ([`RegistryHost::looks_like_host`]); the tag follows the last `:` after
+/// the last `/`. A digest (`@...`) must be split off before.
+pub fn split_image_name(s: &str) -> (Option<&str>, &str, Option<&str>) {
+    let (registry, path) = match s.split_once('/') {
+        Some((first, path)) if RegistryHost::looks_like_host(first) => (Some(first), path),
+        _ => (None, s),
+    };
+    let (repo, tag) = split_tag(path);
+    (registry, repo, tag)
+}
+
+/// Split `repository[:tag]` at the last `:` after the last `/`.
+pub fn split_tag(path: &str) -> (&str, Option<&str>) {
+    let slash = path.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match path[slash..].rfind(':') {
+        Some(i) => (&path[..slash + i], Some(&path[slash + i + 1..])),
+        None => (path, None),
+    }
+}
+
+/// Docker's repository normalisation: a single-component name on Docker Hub
+/// is an official image under `library/` (`nginx` is `library/nginx`).
+pub fn docker_repository<'a>(registry: &RegistryHost, repo: &'a str) -> Cow<'a, str> {
+    if registry.is_docker_hub() && !repo.contains('/') {
+        Cow::Owned(format!("library/{repo}"))
+    } else {
+        Cow::Borrowed(repo)
+    }
 }
 
 impl FromStr for RegistryHost {
@@ -233,5 +285,32 @@ mod tests {
         }
         assert!(RegistryHost::looks_like_host("ghcr.io"));
         assert!(!RegistryHost::looks_like_host("library"));
+    }
+
+    #[test]
+    fn docker_normalisation() {
+        let h = |s: &str| s.parse::<RegistryHost>().unwrap().docker_normalized();
+        assert_eq!(h("index.docker.io").as_str(), "docker.io");
+        assert_eq!(h("Index.Docker.IO").as_str(), "docker.io");
+        assert_eq!(h("ghcr.io").as_str(), "ghcr.io");
+        assert_eq!(docker_repository(&h("docker.io"), "nginx"), "library/nginx");
+        assert_eq!(
+            docker_repository(&h("docker.io"), "bitnami/redis"),
+            "bitnami/redis"
+        );
+        assert_eq!(docker_repository(&h("quay.io"), "nginx"), "nginx");
+        assert_eq!(split_image_name("nginx"), (None, "nginx", None));
+        assert_eq!(
+            split_image_name("docker.io/nginx:1.27"),
+            (Some("docker.io"), "nginx", Some("1.27"))
+        );
+        assert_eq!(
+            split_image_name("localhost:5000/team/app:v2"),
+            (Some("localhost:5000"), "team/app", Some("v2"))
+        );
+        assert_eq!(
+            split_image_name("library/nginx"),
+            (None, "library/nginx", None)
+        );
     }
 }

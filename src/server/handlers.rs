@@ -4,7 +4,6 @@
 //! private registry is only handed out through a registry that proved it
 //! serves it ([`vouch`], model in [`crate::cache::provenance`]).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -599,7 +598,7 @@ pub fn probe(state: &AppState, what: &str) -> Response<Body> {
                 "text/plain; version=0.0.4",
             )
         }
-        "readyz" if !state.ready.load(Ordering::Relaxed) => (
+        "readyz" if !state.readiness.is_ready() => (
             StatusCode::SERVICE_UNAVAILABLE,
             Bytes::from_static(b"not ready\n"),
             "text/plain",

@@ -365,8 +365,18 @@ fn authorized<B>(state: &AppState, req: &Request<B>) -> bool {
     } else {
         return false;
     };
-    let (a, b) = (presented.as_bytes(), expected.0.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    token_matches(&presented, &expected.0)
+}
+
+/// Constant-time token comparison that leaks neither where the tokens
+/// differ nor the expected token's length: both sides are hashed to
+/// fixed-size sha256 digests, which `subtle` compares without branching.
+fn token_matches(presented: &str, expected: &str) -> bool {
+    use sha2::{Digest as _, Sha256};
+    use subtle::ConstantTimeEq as _;
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    a.ct_eq(&b).into()
 }
 
 /// The access log line and request metrics.
@@ -412,5 +422,20 @@ fn record<B>(
         _ => {
             tracing::info!(target: "berth::access", method = %req.method(), path = req.uri().path(), status = status.as_u16(), ns, registry, repo, route = label, result, bytes, duration_ms = elapsed.as_secs_f64() * 1e3, "request")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn client_tokens_match_only_when_equal() {
+        assert!(token_matches("s3cret-token", "s3cret-token"));
+        assert!(!token_matches("s3cret-tokem", "s3cret-token"));
+        assert!(!token_matches("s3cret", "s3cret-token"), "a prefix");
+        assert!(!token_matches("s3cret-token-and-more", "s3cret-token"));
+        assert!(!token_matches("", "s3cret-token"));
+        assert!(!token_matches("S3CRET-TOKEN", "s3cret-token"));
     }
 }

@@ -193,7 +193,10 @@ impl TokenCache {
 
 /// Only realms on the upstream's own host or registrable domain get our
 /// credentials (distribution's `realmAllowed`, PROTOCOL.md 4.4); loopback
-/// upstreams may use loopback realms.
+/// upstreams may use loopback realms. The registrable domain comes from the
+/// public suffix list, private section included: `x.co.uk` and
+/// `evil.co.uk`, or `a.github.io` and `b.github.io`, are different owners.
+/// Addresses only match themselves (or loopback to loopback).
 pub fn realm_allowed(upstream: &Url, realm: &Url) -> bool {
     let (Some(u), Some(r)) = (upstream.host_str(), realm.host_str()) else {
         return false;
@@ -201,21 +204,30 @@ pub fn realm_allowed(upstream: &Url, realm: &Url) -> bool {
     if u.eq_ignore_ascii_case(r) {
         return true;
     }
-    let loopback = |h: &str| {
-        let h = h.trim_start_matches('[').trim_end_matches(']');
-        h == "localhost"
-            || h.parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    };
+    let loopback = |h: &str| h == "localhost" || ip(h).is_some_and(|ip| ip.is_loopback());
     if loopback(u) && loopback(r) {
         return true;
     }
-    let domain = |h: &str| {
-        let labels: Vec<&str> = h.rsplit('.').take(2).collect();
-        (labels.len() == 2 && h.parse::<std::net::IpAddr>().is_err())
-            .then(|| format!("{}.{}", labels[1], labels[0]))
-    };
-    matches!((domain(u), domain(r)), (Some(a), Some(b)) if a.eq_ignore_ascii_case(&b))
+    matches!((registrable_domain(u), registrable_domain(r)), (Some(a), Some(b)) if a == b)
+}
+
+/// A host's address when it is one (`[::1]` as `url` writes IPv6 hosts).
+fn ip(host: &str) -> Option<std::net::IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+/// The registrable domain (public suffix + one label) of a host name,
+/// lowercased; `None` for addresses and for hosts that are a public suffix
+/// themselves.
+fn registrable_domain(host: &str) -> Option<String> {
+    if ip(host).is_some() {
+        return None;
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    psl::domain_str(&host).map(str::to_owned)
 }
 
 async fn fetch_token(
@@ -353,6 +365,45 @@ mod tests {
         assert!(!realm_allowed(
             &u("https://ghcr.io"),
             &u("http://169.254.169.254/")
+        ));
+        assert!(realm_allowed(
+            &u("https://registry.example.co.uk"),
+            &u("https://auth.example.co.uk/token")
+        ));
+        assert!(realm_allowed(
+            &u("https://Registry.GitLab.com"),
+            &u("https://gitlab.com/jwt/auth")
+        ));
+    }
+
+    #[test]
+    fn realms_of_other_owners_are_refused() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let refused = [
+            // Two labels are not a registrable domain under a multi-label suffix.
+            ("https://x.co.uk", "https://evil.co.uk/token"),
+            ("https://registry.x.co.uk", "https://auth.evil.co.uk/token"),
+            // The private section: each github.io subdomain is its own site.
+            ("https://a.github.io", "https://b.github.io/token"),
+            ("https://reg.a.github.io", "https://b.github.io/token"),
+            // Addresses are never a domain: only the same address (or loopback).
+            ("https://10.0.0.1", "https://20.0.0.1/token"),
+            ("https://1.2.3.4", "https://5.3.4/token"),
+            ("https://1.2.3.4", "https://9.9.3.4/token"),
+            ("https://[2001:db8::1]", "https://[2001:db8::2]/token"),
+            ("https://registry.example.com", "https://127.0.0.1/token"),
+            // A public suffix is nobody's domain.
+            ("https://co.uk", "https://evil.co.uk/token"),
+        ];
+        for (upstream, realm) in refused {
+            assert!(
+                !realm_allowed(&u(upstream), &u(realm)),
+                "{upstream} -> {realm}"
+            );
+        }
+        assert!(realm_allowed(
+            &u("https://a.github.io"),
+            &u("https://auth.a.github.io/token")
         ));
     }
 
