@@ -1,11 +1,14 @@
 //! Serving TLS with rustls: certificate and key from PEM files, picked up
-//! again when the files change (checked at most every few seconds, on the
-//! handshake path, without blocking other handshakes), and optional client
+//! again when the files change (checked at most every few seconds, on a
+//! blocking thread, never on the handshake path), and optional client
 //! certificate verification against a CA bundle (mTLS).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -65,17 +68,27 @@ fn mtimes(files: &TlsFiles) -> Stamps {
     (m(&files.cert), m(&files.key))
 }
 
-/// Resolves the certificate, reloading it when the files change.
-struct Reloading {
+/// Resolves the certificate, reloading it when the files change. The
+/// handshake path only loads the key in service; looking at the files
+/// (stat, and reading and parsing them when changed) runs on a blocking
+/// thread, so a slow disk never stalls the async workers, and the new
+/// certificate serves from the next handshake on.
+struct Reloading(Arc<Shared>);
+
+/// What the resolver and its background checks share.
+struct Shared {
     files: TlsFiles,
-    /// The key in service, the files' stamps it came from, the last check.
-    state: Mutex<(Arc<CertifiedKey>, Stamps, Instant)>,
+    /// The key in service and the files' stamps it came from.
+    current: ArcSwap<(Arc<CertifiedKey>, Stamps)>,
+    /// When the files were last looked at (ms since `epoch`).
+    checked_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl fmt::Debug for Reloading {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reloading")
-            .field("cert", &self.files.cert)
+            .field("cert", &self.0.files.cert)
             .finish()
     }
 }
@@ -83,36 +96,53 @@ impl fmt::Debug for Reloading {
 /// How often the files' modification times are looked at.
 const RECHECK: Duration = Duration::from_secs(2);
 
-impl ResolvesServerCert for Reloading {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let mut st = self.state.lock().ok()?;
-        if st.2.elapsed() >= RECHECK {
-            st.2 = Instant::now();
-            let now = mtimes(&self.files);
-            if now != st.1 {
-                match load_key(&self.files.cert, &self.files.key) {
-                    Ok(k) => {
-                        tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                        *st = (k, now, Instant::now());
-                    }
-                    // A half-written pair during rotation: keep serving the old one.
-                    Err(error) => {
-                        tracing::warn!(%error, "TLS certificate changed but cannot be loaded; keeping the previous one")
-                    }
-                }
+impl Shared {
+    /// Blocking: reload the pair if the files changed.
+    fn check(&self) {
+        let now = mtimes(&self.files);
+        if now == self.current.load().1 {
+            return;
+        }
+        match load_key(&self.files.cert, &self.files.key) {
+            Ok(k) => {
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                self.current.store(Arc::new((k, now)));
+            }
+            // A half-written pair during rotation: keep serving the old one.
+            Err(error) => {
+                tracing::warn!(%error, "TLS certificate changed but cannot be loaded; keeping the previous one")
             }
         }
-        Some(st.0.clone())
+    }
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let shared = &self.0;
+        let now = shared.epoch.elapsed().as_millis() as u64;
+        let last = shared.checked_ms.load(Ordering::Relaxed);
+        if now >= last + RECHECK.as_millis() as u64
+            && shared
+                .checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let shared = shared.clone();
+            crate::cache::in_background(move || shared.check());
+        }
+        Some(shared.current.load().0.clone())
     }
 }
 
 /// Build the server config (fails closed: a bad file is an error at start).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let key = load_key(&files.cert, &files.key)?;
-    let resolver = Arc::new(Reloading {
-        state: Mutex::new((key, mtimes(files), Instant::now())),
+    let resolver = Arc::new(Reloading(Arc::new(Shared {
+        current: ArcSwap::from_pointee((key, mtimes(files))),
+        checked_ms: AtomicU64::new(0),
+        epoch: Instant::now(),
         files: files.clone(),
-    });
+    })));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

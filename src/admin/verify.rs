@@ -212,23 +212,9 @@ fn hash_file(path: &Path, progress: &Progress) -> std::io::Result<Digest> {
 
 /// Move a bad blob (and its media-type record) to `quarantine/`.
 fn quarantine(dir: &Path, path: &Path, name: &str) -> Result<PathBuf, AdminError> {
-    let q = dir.join("quarantine");
-    fs::create_dir_all(&q).map_err(|e| AdminError::io(&q, e))?;
-    let mut dest = q.join(name);
-    let mut n = 1;
-    while dest.exists() {
-        dest = q.join(format!("{name}.{n}"));
-        n += 1;
-    }
-    fs::rename(path, &dest).map_err(|e| AdminError::io(path, e))?;
-    if name.len() >= 2 {
-        let sidecar = dir.join("manifests/sha256").join(&name[..2]).join(name);
-        if sidecar.is_file() {
-            let to = PathBuf::from(format!("{}.media-type", dest.display()));
-            fs::rename(&sidecar, &to).map_err(|e| AdminError::io(&sidecar, e))?;
-        }
-    }
-    Ok(dest)
+    crate::cache::store::Store::open_existing(dir)
+        .and_then(|store| store.quarantine_file(path, name))
+        .map_err(|e| AdminError::io(path, e))
 }
 
 #[cfg(test)]

@@ -225,7 +225,7 @@ struct Reader {
     pos: u64,
     end: u64,
     /// The file mapped at its final size; only written bytes are sliced.
-    mapped: Option<Bytes>,
+    mapped: Option<super::mmap::Growing>,
 }
 
 impl Reader {
@@ -256,8 +256,7 @@ impl Reader {
                 // the file, no copy (see the growing-file rule in cache::mmap).
                 if self.mapped.is_none() {
                     self.mapped = Some(match state {
-                        State::Done { size } => super::mmap::map(self.file.clone(), size)?,
-                        State::Streaming { size, .. } => {
+                        State::Done { size } | State::Streaming { size, .. } => {
                             super::mmap::map_growing(self.file.clone(), size)?
                         }
                         _ => unreachable!("nothing to read before the size is known"),
@@ -265,7 +264,7 @@ impl Reader {
                 }
                 let mapped = self.mapped.as_ref().expect("just mapped");
                 let limit = limit.min(self.pos + READ_CHUNK);
-                let chunk = mapped.slice(self.pos as usize..limit as usize);
+                let chunk = mapped.bytes(self.pos, limit)?;
                 self.pos = limit;
                 return Ok(Some(chunk));
             }

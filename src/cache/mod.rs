@@ -110,6 +110,15 @@ const MAPPED_FILES: u64 = 512;
 /// A mapping unused this long is dropped (unmapped once no response holds it).
 const MAPPING_IDLE: Duration = Duration::from_secs(30);
 
+/// Run blocking `f` on tokio's blocking pool without waiting for it (or
+/// right here outside a runtime).
+pub fn in_background(f: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(f)),
+        Err(_) => f(),
+    }
+}
+
 /// Every digest reachable from the tag records that match `rules`.
 pub fn pinned_digests(store: &Store, rules: &Rules) -> std::io::Result<HashSet<Digest>> {
     if rules.is_empty() {
@@ -193,44 +202,98 @@ impl Cache {
         })
     }
 
+    /// A published blob whose mapping is in the reuse cache: no file I/O
+    /// (a recency touch, at most once a minute, goes to a blocking thread).
+    /// `None` means "ask [`Cache::blob`]", not "missing".
+    pub fn warm_blob(&self, d: &Digest) -> Option<Bytes> {
+        let entry = self.index.get(d)?;
+        let (ino, bytes) = self.maps.get(d)?;
+        if ino != entry.ino || mmap::watch(&bytes).is_some_and(|p| p.is_set()) {
+            return None;
+        }
+        if entry.should_touch() {
+            if let Some((file, _)) = mmap::locate(&bytes) {
+                in_background(move || Store::touch(&file));
+            }
+        }
+        Some(bytes)
+    }
+
     /// A published blob, mapped: `None` on a miss. Never copies the content.
+    /// Blocking (open, fstat, futimens, mmap): call it off the async workers.
+    /// A file found shorter than the index says (truncated behind berth's
+    /// back) or unreadable is quarantined and is a miss, so it is refetched.
     pub fn blob(&self, d: &Digest) -> Result<Option<Bytes>> {
+        if let Some(bytes) = self.warm_blob(d) {
+            return Ok(Some(bytes));
+        }
         let Some(entry) = self.index.get(d) else {
             return Ok(None);
         };
-        if let Some((ino, bytes)) = self.maps.get(d) {
-            if ino == entry.ino {
-                if entry.should_touch() {
-                    if let Ok(Some((file, _, _))) = self.store.open_published(d) {
-                        Store::touch(&file);
-                    }
-                }
-                return Ok(Some(bytes));
+        let published = match self.store.open_published(d) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                // Removed behind our back (or by `berth gc`): a miss.
+                self.index.forget(d);
+                return Ok(None);
             }
-        }
-        let Some((file, size, ino)) = self.store.open_published(d)? else {
-            // Removed behind our back (or by `berth gc`): a miss.
-            self.index.forget(d);
-            return Ok(None);
+            Err(error) => {
+                tracing::warn!(digest = %d, %error, "cached file unreadable");
+                self.quarantine(d);
+                return Ok(None);
+            }
         };
+        let (size, ino) = (published.size(), published.ino());
         if ino != entry.ino {
             self.index.insert(d.clone(), size, ino);
+        } else if size != entry.size {
+            tracing::warn!(digest = %d, size, expected = entry.size, "cached file truncated behind berth's back");
+            self.quarantine(d);
+            return Ok(None);
         }
         if entry.should_touch() {
-            Store::touch(&file);
+            Store::touch(published.file());
         }
-        let bytes = mmap::map(std::sync::Arc::new(file), size)?;
+        let bytes = mmap::map(published)?;
         self.maps.insert(d.clone(), (ino, bytes.clone()));
         Ok(Some(bytes))
     }
 
-    /// A cached manifest by digest.
-    pub fn manifest(&self, d: &Digest) -> Result<Option<Manifest>> {
-        if let Some(m) = self.manifests.get(d) {
-            if self.index.get(d).is_some() {
-                return Ok(Some(m));
+    /// Take damaged content out of service: forget it everywhere and move
+    /// its file to `<cache>/quarantine/`, so the next request refetches it.
+    /// Blocking (a rename).
+    pub fn quarantine(&self, d: &Digest) {
+        self.maps.invalidate(d);
+        self.manifests.invalidate(d);
+        self.index.forget(d);
+        match self.store.quarantine(d) {
+            Ok(to) => {
+                tracing::warn!(digest = %d, quarantine = %to.display(), "damaged cache entry quarantined; it will be fetched again")
             }
-            self.manifests.invalidate(d);
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(digest = %d, %error, "could not quarantine a damaged cache entry")
+            }
+        }
+    }
+
+    /// A cached manifest held in memory: no file I/O. `None` means "ask
+    /// [`Cache::manifest`]", not "missing".
+    pub fn warm_manifest(&self, d: &Digest) -> Option<Manifest> {
+        let m = self.manifests.get(d)?;
+        if self.index.get(d).is_some() && !mmap::watch(&m.bytes).is_some_and(|p| p.is_set()) {
+            return Some(m);
+        }
+        self.manifests.invalidate(d);
+        None
+    }
+
+    /// A cached manifest by digest.
+    /// Blocking (reads the media type and maps the file) unless
+    /// [`Cache::warm_manifest`] has it: call it off the async workers.
+    pub fn manifest(&self, d: &Digest) -> Result<Option<Manifest>> {
+        if let Some(m) = self.warm_manifest(d) {
+            return Ok(Some(m));
         }
         let Some(media_type) = self.store.read_media_type(d)? else {
             return Ok(None);
@@ -283,12 +346,24 @@ impl Cache {
         Ok(())
     }
 
+    /// The last record for a tag if it is in memory: no file I/O.
+    pub fn warm_tag(
+        &self,
+        registry: &RegistryHost,
+        repo: &Repository,
+        tag: &Tag,
+    ) -> Option<TagRecord> {
+        self.tags
+            .get(&(registry.clone(), repo.clone(), tag.clone()))
+    }
+
     /// The last record for a tag, if any.
+    /// Blocking (reads the record file) unless [`Cache::warm_tag`] has it.
     pub fn tag(&self, registry: &RegistryHost, repo: &Repository, tag: &Tag) -> Option<TagRecord> {
-        let key = (registry.clone(), repo.clone(), tag.clone());
-        if let Some(r) = self.tags.get(&key) {
+        if let Some(r) = self.warm_tag(registry, repo, tag) {
             return Some(r);
         }
+        let key = (registry.clone(), repo.clone(), tag.clone());
         let bytes = self.store.read_tag(registry, repo, tag).ok()??;
         let rec: TagRecord = serde_json::from_slice(&bytes).ok()?;
         rec.digest()?;
@@ -296,7 +371,7 @@ impl Cache {
         Some(rec)
     }
 
-    /// Replace a tag record (memory and disk, crash-safe).
+    /// Replace a tag record (memory and disk, crash-safe). Blocking (fsync).
     pub fn put_tag(
         &self,
         registry: &RegistryHost,

@@ -36,6 +36,37 @@ const FULL_RECHECK_MS: u64 = 2000;
 /// A tag record found on disk: (registry, repository, tag, record bytes).
 pub type TagFile = (RegistryHost, Repository, Tag, Vec<u8>);
 
+/// An open published (verified, renamed into place, never written again)
+/// cache file: the proof [`super::mmap::map`] asks for. Only
+/// [`Store::open_published`] makes one.
+#[derive(Debug)]
+pub struct Published {
+    file: File,
+    size: u64,
+    ino: u64,
+}
+
+impl Published {
+    /// Its size when opened.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its inode.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(super) fn into_parts(self) -> (File, u64) {
+        (self.file, self.size)
+    }
+}
+
 /// A published blob found by [`Store::scan`].
 #[derive(Debug, Clone)]
 pub struct Scanned {
@@ -165,12 +196,17 @@ impl Store {
         self.sharded("blobs", d)
     }
 
-    /// Open a published blob read-only, with its size and inode.
-    pub fn open_published(&self, d: &Digest) -> io::Result<Option<(File, u64, u64)>> {
+    /// Open a published blob read-only, with its size and inode: the only
+    /// way to obtain a [`Published`], which [`super::mmap::map`] requires.
+    pub fn open_published(&self, d: &Digest) -> io::Result<Option<Published>> {
         match File::open(self.blob_path(d)) {
-            Ok(f) => {
-                let md = f.metadata()?;
-                Ok(Some((f, md.len(), md.ino())))
+            Ok(file) => {
+                let md = file.metadata()?;
+                Ok(Some(Published {
+                    file,
+                    size: md.len(),
+                    ino: md.ino(),
+                }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -380,6 +416,36 @@ impl Store {
         }
     }
 
+    /// Move a published blob that is damaged (and its media-type record)
+    /// aside to `<root>/quarantine/`, never deleting it; returns where it went.
+    pub fn quarantine(&self, d: &Digest) -> io::Result<PathBuf> {
+        self.quarantine_file(&self.blob_path(d), d.hex())
+    }
+
+    /// Move `path` (a file named `name` by its hex digest) to quarantine.
+    pub fn quarantine_file(&self, path: &Path, name: &str) -> io::Result<PathBuf> {
+        let q = self.root.join("quarantine");
+        fs::create_dir_all(&q)?;
+        let mut dest = q.join(name);
+        let mut n = 1;
+        while dest.exists() {
+            dest = q.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        fs::rename(path, &dest)?;
+        if name.len() >= 2 {
+            let sidecar = self
+                .root
+                .join("manifests/sha256")
+                .join(&name[..2])
+                .join(name);
+            if sidecar.is_file() {
+                fs::rename(&sidecar, format!("{}.media-type", dest.display()))?;
+            }
+        }
+        Ok(dest)
+    }
+
     /// Record a use of a published file (its mtime), so that recency
     /// survives a restart. The content is not touched.
     pub fn touch(file: &File) {
@@ -486,8 +552,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let d = Digest::of(b"abc");
         let ino = store.publish_bytes(&d, b"abc").unwrap();
-        let (_, size, ino2) = store.open_published(&d).unwrap().unwrap();
-        assert_eq!((size, ino2), (3, ino));
+        let p = store.open_published(&d).unwrap().unwrap();
+        assert_eq!((p.size(), p.ino()), (3, ino));
         let scanned = store.scan().unwrap();
         assert_eq!(scanned.len(), 1);
         assert_eq!(scanned[0].digest, d);

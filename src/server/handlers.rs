@@ -10,9 +10,9 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 
+use super::checked::{Checked, OnPoison};
 use super::range::{parse_range, ByteRange};
 use super::response::{self, value, Body, CacheResult};
 use super::route::Target;
@@ -69,12 +69,76 @@ fn upstream_for(state: &AppState, t: &Target) -> Result<Arc<Upstream>> {
         .ok_or_else(|| Error::RegistryUnknown(t.registry.to_string()))
 }
 
-fn manifest_response(m: &Manifest, t: &Target, head: bool, result: CacheResult) -> Response<Body> {
+/// Run blocking cache I/O on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking cache task: {e}")))
+}
+
+/// A cached blob: a reused mapping inline (the warm path pays no thread
+/// hop), otherwise opened and mapped on a blocking thread.
+async fn cached_blob(state: &AppState, d: &Digest) -> Result<Option<Bytes>> {
+    if let Some(b) = state.cache.warm_blob(d) {
+        return Ok(Some(b));
+    }
+    let (st, d) = (state.clone(), d.clone());
+    blocking(move || st.cache.blob(&d)).await?
+}
+
+/// A cached manifest: from memory inline, else read on a blocking thread.
+async fn cached_manifest(state: &AppState, d: &Digest) -> Result<Option<Manifest>> {
+    if let Some(m) = state.cache.warm_manifest(d) {
+        return Ok(Some(m));
+    }
+    let (st, d) = (state.clone(), d.clone());
+    blocking(move || st.cache.manifest(&d)).await?
+}
+
+/// A tag record: from memory inline, else read on a blocking thread.
+async fn cached_tag(state: &AppState, t: &Target, tag: &Tag) -> Result<Option<TagRecord>> {
+    if let Some(r) = state.cache.warm_tag(&t.registry, &t.repo, tag) {
+        return Ok(Some(r));
+    }
+    let (st, reg, repo, tag) = (
+        state.clone(),
+        t.registry.clone(),
+        t.repo.clone(),
+        tag.clone(),
+    );
+    blocking(move || st.cache.tag(&reg, &repo, &tag)).await
+}
+
+/// Record a tag (written and fsynced on a blocking thread).
+async fn put_tag(state: &AppState, t: &Target, tag: &Tag, rec: TagRecord) -> Result<()> {
+    let (st, reg, repo, tag) = (
+        state.clone(),
+        t.registry.clone(),
+        t.repo.clone(),
+        tag.clone(),
+    );
+    blocking(move || st.cache.put_tag(&reg, &repo, &tag, rec)).await?
+}
+
+/// Quarantine `d` (off the async workers) once its mapped file turns out
+/// truncated while being served.
+fn quarantine_on_poison(state: &AppState, d: &Digest) -> OnPoison {
+    let (st, d) = (state.clone(), d.clone());
+    Box::new(move || crate::cache::in_background(move || st.cache.quarantine(&d)))
+}
+
+fn manifest_response(
+    state: &AppState,
+    m: &Manifest,
+    t: &Target,
+    head: bool,
+    result: CacheResult,
+) -> Response<Body> {
     let digest = m.digest.to_string();
     let body = if head {
         response::empty()
     } else {
-        response::full(m.bytes.clone())
+        response::content(m.bytes.clone(), quarantine_on_poison(state, &m.digest))
     };
     let resp = builder(StatusCode::OK, Some(t))
         .header(header::CONTENT_TYPE, value(&m.media_type))
@@ -107,14 +171,15 @@ pub async fn manifest(
 ) -> Result<Response<Body>> {
     let tag = match reference {
         Reference::Digest(d) => {
-            if let Some(m) = state.cache.manifest(&d)? {
+            if let Some(m) = cached_manifest(state, &d).await? {
                 vouch(state, t, &d, Kind::Manifest).await?;
-                return Ok(manifest_response(&m, t, head, CacheResult::Hit));
+                return Ok(manifest_response(state, &m, t, head, CacheResult::Hit));
             }
             let upstream = upstream_for(state, t)?;
             let (m, joined) =
                 fetch_manifest(state, upstream, t, Reference::Digest(d.clone()), Some(d)).await?;
             return Ok(manifest_response(
+                state,
                 &m,
                 t,
                 head,
@@ -127,12 +192,12 @@ pub async fn manifest(
         }
         Reference::Tag(tag) => tag,
     };
-    let rec = state.cache.tag(&t.registry, &t.repo, &tag);
+    let rec = cached_tag(state, t, &tag).await?;
     if let Some(rec) = rec.as_ref().filter(|r| r.age() < state.config.tag_ttl) {
         if let Some(d) = rec.digest() {
-            if let Some(m) = state.cache.manifest(&d)? {
+            if let Some(m) = cached_manifest(state, &d).await? {
                 vouch(state, t, &d, Kind::Manifest).await?;
-                return Ok(manifest_response(&m, t, head, CacheResult::Hit));
+                return Ok(manifest_response(state, &m, t, head, CacheResult::Hit));
             }
             if head {
                 return Ok(record_head(rec, t, CacheResult::Hit));
@@ -148,7 +213,7 @@ pub async fn manifest(
         Err(e) => {
             let Some(rec) = rec else { return Err(e) };
             if let Some(d) = rec.digest() {
-                if let Some(m) = state.cache.manifest(&d)? {
+                if let Some(m) = cached_manifest(state, &d).await? {
                     vouch(state, t, &d, Kind::Manifest).await?;
                     tracing::warn!(registry = %t.registry, repo = %t.repo, tag = %tag, error = %e,
                         age = ?rec.age(), "upstream failed; serving the last known tag from cache");
@@ -157,7 +222,7 @@ pub async fn manifest(
                         .stale_served
                         .with_label_values(&[t.registry.as_str()])
                         .inc();
-                    return Ok(manifest_response(&m, t, head, CacheResult::Stale));
+                    return Ok(manifest_response(state, &m, t, head, CacheResult::Stale));
                 }
                 if head {
                     return Ok(record_head(&rec, t, CacheResult::Stale));
@@ -192,7 +257,7 @@ async fn revalidate(
         .await;
     let record = |m: &Manifest| {
         let rec = TagRecord::now(&m.digest, &m.media_type, m.bytes.len() as u64);
-        state.cache.put_tag(&t.registry, &t.repo, tag, rec)
+        put_tag(state, t, tag, rec)
     };
     let fetched = |joined: bool| {
         if joined {
@@ -207,8 +272,8 @@ async fn revalidate(
         Err(Error::UpstreamFailed(_)) | Ok(ManifestHead { digest: None, .. }) => {
             let reference = Reference::Tag(tag.clone());
             let (m, joined) = fetch_manifest(state, upstream.clone(), t, reference, None).await?;
-            record(&m)?;
-            return Ok(manifest_response(&m, t, head, fetched(joined)));
+            record(&m).await?;
+            return Ok(manifest_response(state, &m, t, head, fetched(joined)));
         }
         Err(e) => return Err(e),
         Ok(h) => h,
@@ -216,16 +281,14 @@ async fn revalidate(
     let d = h.digest.clone().expect("matched above");
     // The registry just said the tag is `d`: it serves `d`.
     note_served(state, &d, upstream).await;
-    if let Some(m) = state.cache.manifest(&d)? {
-        record(&m)?;
-        return Ok(manifest_response(&m, t, head, CacheResult::Hit));
+    if let Some(m) = cached_manifest(state, &d).await? {
+        record(&m).await?;
+        return Ok(manifest_response(state, &m, t, head, CacheResult::Hit));
     }
     if let (true, Some(size)) = (head && !h.media_type.is_empty(), h.size) {
         // A HEAD needs no body: answer from upstream's HEAD, fetch nothing.
         let rec = TagRecord::now(&d, &h.media_type, size);
-        state
-            .cache
-            .put_tag(&t.registry, &t.repo, tag, rec.clone())?;
+        put_tag(state, t, tag, rec.clone()).await?;
         return Ok(record_head(&rec, t, CacheResult::Pass));
     }
     let (m, joined) = fetch_manifest(
@@ -236,8 +299,8 @@ async fn revalidate(
         Some(d),
     )
     .await?;
-    record(&m)?;
-    Ok(manifest_response(&m, t, head, fetched(joined)))
+    record(&m).await?;
+    Ok(manifest_response(state, &m, t, head, fetched(joined)))
 }
 
 /// GET a manifest upstream (coalesced), verify it, store it.
@@ -313,7 +376,7 @@ async fn serve_hit(
     range_header: Option<&http::HeaderValue>,
     head: bool,
 ) -> Result<Option<Response<Body>>> {
-    let Some(bytes) = state.cache.blob(d)? else {
+    let Some(bytes) = cached_blob(state, d).await? else {
         return Ok(None);
     };
     vouch(state, t, d, Kind::Blob).await?;
@@ -327,7 +390,10 @@ async fn serve_hit(
             .served_bytes
             .with_label_values(&["cache"])
             .inc_by(end - start);
-        response::content(bytes.slice(start as usize..end as usize))
+        response::content(
+            bytes.slice(start as usize..end as usize),
+            quarantine_on_poison(state, d),
+        )
     };
     Ok(Some(with_result(
         b.body(body).expect("blob response"),
@@ -414,9 +480,12 @@ pub async fn blob(
         matches!(result, CacheResult::Coalesced).then(|| GaugeGuard::new(&state.metrics.followers));
     let stream = flight.read(start, end).map_ok(move |b| {
         let _counted_while_streaming = &follower;
-        Frame::data(b)
+        b
     });
-    let body = BodyExt::boxed_unsync(StreamBody::new(stream));
+    let body = BodyExt::boxed_unsync(Checked::new(
+        Box::pin(stream),
+        quarantine_on_poison(state, d),
+    ));
     Ok(with_result(b.body(body).expect("blob response"), result))
 }
 

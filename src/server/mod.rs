@@ -3,6 +3,7 @@
 //! sendfile for mapped content on plain TCP), dispatch of parsed
 //! routes to handlers, and the access log and request metrics in one place.
 
+pub mod checked;
 pub mod deadline;
 pub mod handlers;
 pub mod range;

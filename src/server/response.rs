@@ -4,9 +4,10 @@
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Empty, Full};
+
+use super::checked::{Checked, OnPoison};
 
 use crate::error::Error;
 use crate::registry::error_code::Envelope;
@@ -27,15 +28,14 @@ pub fn full(bytes: Bytes) -> Body {
 /// ([`super::watchdog`]).
 pub const FRAME: usize = 1 << 20;
 
-/// Mapped (or in-memory) content as a body of [`FRAME`]-sized slices: no copy.
-pub fn content(bytes: Bytes) -> Body {
-    if bytes.len() <= FRAME {
-        return full(bytes);
-    }
+/// Mapped (or in-memory) content as a body of [`FRAME`]-sized slices: no
+/// copy. If its file turns out truncated the body ends in an error and
+/// `on_poison` runs ([`super::checked`]).
+pub fn content(bytes: Bytes, on_poison: OnPoison) -> Body {
     let frames = (0..bytes.len())
         .step_by(FRAME)
-        .map(move |at| Ok(Frame::data(bytes.slice(at..(at + FRAME).min(bytes.len())))));
-    StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+        .map(move |at| Ok(bytes.slice(at..(at + FRAME).min(bytes.len()))));
+    Checked::new(futures_util::stream::iter(frames), on_poison).boxed_unsync()
 }
 
 /// An empty body (HEAD, 204-like answers).

@@ -89,12 +89,16 @@ impl Zerocopy {
                 rustix::fs::sendfile(&self.inner, file, Some(&mut at), len).map_err(io::Error::from)
             }) {
                 // The file ended before the mapping did: only possible if the
-                // cache invariant was broken behind berth's back.
+                // cache invariant was broken behind berth's back. The body
+                // serving it sees the mark and quarantines the entry.
                 Ok(0) => {
+                    if let Some(poison) = mmap::watch(buf) {
+                        poison.set();
+                    }
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "cache file shorter than its mapping",
-                    )))
+                    )));
                 }
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e)
@@ -123,6 +127,20 @@ impl Zerocopy {
     }
 }
 
+/// A copy from a mapping faulted in the kernel (`EFAULT`: its file was
+/// truncated behind berth's back): mark the mappings, so that the body
+/// serving them quarantines the entry.
+fn poison_on_fault(e: &io::Error, bufs: &[IoSlice<'_>]) {
+    if Errno::from_io_error(e) != Some(Errno::FAULT) {
+        return;
+    }
+    for b in bufs {
+        if let Some(poison) = mmap::watch(b) {
+            poison.set();
+        }
+    }
+}
+
 impl AsyncRead for Zerocopy {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -142,7 +160,8 @@ impl AsyncWrite for Zerocopy {
         if let Some((file, offset)) = self.mapped(buf) {
             return self.poll_sendfile(cx, buf, &file, offset);
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let sent = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        Poll::Ready(sent.inspect_err(|e| poison_on_fault(e, &[IoSlice::new(buf)])))
     }
 
     fn poll_write_vectored(
@@ -165,7 +184,8 @@ impl AsyncWrite for Zerocopy {
             // Headers in front of mapped content: one segment with it.
             self.cork(true);
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end])
+        let sent = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end]));
+        Poll::Ready(sent.inspect_err(|e| poison_on_fault(e, &bufs[first..end])))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -187,16 +207,16 @@ impl AsyncWrite for Zerocopy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn mapped_and_plain_bytes_arrive_in_order() {
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&content).unwrap();
-        let mapped = mmap::map(Arc::new(f), content.len() as u64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::cache::store::Store::open(dir.path()).unwrap();
+        let d = crate::registry::Digest::of(&content);
+        store.publish_bytes(&d, &content).unwrap();
+        let mapped = mmap::map(store.open_published(&d).unwrap().unwrap()).unwrap();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
