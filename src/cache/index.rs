@@ -5,7 +5,12 @@
 //!
 //! Downloads in progress are accounted for before they finish with a
 //! reservation entry of the expected size, so that concurrent misses cannot
-//! overrun the disk: the LRU evicts to make room for them up front.
+//! overrun the disk: the LRU evicts to make room for them up front. A
+//! reservation is never read, so left alone it would drift to the cold end
+//! of the LRU and be "evicted" while its download still needs the space;
+//! every live reservation (downloads and the pinned space) is therefore
+//! touched before each insertion that may evict, which keeps reservations
+//! out of the victim order: only published blobs are ever evicted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -63,6 +68,8 @@ pub struct Index {
     entries: Cache<Key, Arc<Entry>>,
     capacity: u64,
     next_reservation: AtomicU64,
+    /// Ids of the reservations alive now (kept most recent).
+    live: Mutex<HashSet<u64>>,
     evictions: Arc<AtomicU64>,
     /// Digests that must never be evicted (published or not yet).
     pin_set: ArcSwap<HashSet<Digest>>,
@@ -83,6 +90,11 @@ pub struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        self.index
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
         self.index.entries.invalidate(&Key::Reservation(self.id));
     }
 }
@@ -134,6 +146,7 @@ impl Index {
             entries,
             capacity,
             next_reservation: AtomicU64::new(0),
+            live: Mutex::new(HashSet::new()),
             evictions,
             pin_set: ArcSwap::from_pointee(HashSet::new()),
             pinned: ArcSwap::from_pointee(HashMap::new()),
@@ -278,20 +291,26 @@ impl Index {
             self.apply_pins(set);
             return;
         }
-        self.keep_pinned_space_recent();
+        self.keep_reservations_recent();
         self.entries.insert(Key::Blob(d), e);
         self.entries.run_pending_tasks();
     }
 
-    /// The pinned-space reservation is an LRU entry like any other; touch it
-    /// so it is never the one evicted. Called before every insertion that
-    /// may evict: reads are applied before writes, so the touch ranks it
-    /// after everything but the newcomer.
-    fn keep_pinned_space_recent(&self) {
-        if let Ok(space) = self.pinned_space.try_lock() {
-            if let Some(r) = space.as_ref() {
-                let _ = self.entries.get(&Key::Reservation(r.id));
-            }
+    /// Reservations (downloads in progress and the pinned space) are LRU
+    /// entries that are never read; touch them all so none is ever the one
+    /// evicted. Called before every insertion that may evict: reads are
+    /// applied before writes, so the touch ranks them after everything but
+    /// the newcomer.
+    fn keep_reservations_recent(&self) {
+        let live: Vec<u64> = self
+            .live
+            .lock()
+            .expect("reservations lock")
+            .iter()
+            .copied()
+            .collect();
+        for id in live {
+            let _ = self.entries.get(&Key::Reservation(id));
         }
     }
 
@@ -332,7 +351,8 @@ impl Index {
             ino: 0,
             touched: AtomicU64::new(0),
         });
-        self.keep_pinned_space_recent();
+        self.keep_reservations_recent();
+        self.live.lock().expect("reservations lock").insert(id);
         self.entries.insert(Key::Reservation(id), e);
         self.entries.run_pending_tasks();
         Reservation {
@@ -397,6 +417,43 @@ mod tests {
             "evicted file unlinked"
         );
         assert_eq!(index.evictions(), 1);
+    }
+
+    #[test]
+    fn a_download_reservation_is_never_the_lru_victim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Arc::new(Index::new(40 * 1024, store.clone()));
+        // A large download in flight holds 16 KiB.
+        let r = index.reserve(16 * 1024);
+        let mut ds = Vec::new();
+        for i in 0..12u8 {
+            let body = vec![i; 4096];
+            let d = Digest::of(&body);
+            let ino = store.publish_bytes(&d, &body).unwrap();
+            index.insert(d.clone(), 4096, ino);
+            ds.push(d);
+            // Hits keep the published entries warmer than the reservation.
+            for d in &ds {
+                let _ = index.get(d);
+            }
+            index.entries.run_pending_tasks();
+            assert!(
+                index.entries.contains_key(&Key::Reservation(r.id)),
+                "the reservation was evicted after {} insertions",
+                i + 1
+            );
+            assert!(index.weighted_bytes() <= 40 * 1024);
+        }
+        // Published bytes never exceed capacity minus what is reserved.
+        let published: u64 = ds.iter().filter(|d| index.contains(d)).count() as u64 * 4096;
+        assert!(published <= 24 * 1024, "{published}");
+        drop(r);
+        index.entries.run_pending_tasks();
+        assert_eq!(
+            index.len(),
+            ds.iter().filter(|d| index.contains(d)).count() as u64
+        );
     }
 
     #[test]
