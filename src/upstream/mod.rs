@@ -143,9 +143,10 @@ impl Upstream {
     /// Endpoints whose breaker is open are skipped without a request; if
     /// every one is open, one request at a time still probes them (see
     /// [`breaker`]) and the others get the last error at once.
+    /// `op` gets each endpoint with its index in the list.
     async fn first<'a, T, F, Fut>(&'a self, what: &str, defer: u64, op: F) -> Result<T, Error>
     where
-        F: Fn(&'a Arc<Endpoint>) -> Fut,
+        F: Fn(usize, &'a Arc<Endpoint>) -> Fut,
         Fut: Future<Output = Result<T, Error>> + 'a,
     {
         let n = self.endpoints.len();
@@ -167,7 +168,7 @@ impl Upstream {
                     continue;
                 };
                 tried = true;
-                match op(ep).await {
+                match op(i, ep).await {
                     Ok(v) => {
                         admitted.success();
                         return Ok(v);
@@ -200,8 +201,10 @@ impl Upstream {
         repo: &Repository,
         reference: &Reference,
     ) -> Result<ManifestHead, Error> {
-        self.first("manifest HEAD", 0, |ep| ep.head_manifest(repo, reference))
-            .await
+        self.first("manifest HEAD", 0, |_, ep| {
+            ep.head_manifest(repo, reference)
+        })
+        .await
     }
 
     /// GET a manifest's bytes and media type; with `expect`, bytes that do
@@ -212,7 +215,7 @@ impl Upstream {
         reference: &Reference,
         expect: Option<&Digest>,
     ) -> Result<(String, Bytes), Error> {
-        self.first("manifest GET", 0, |ep| async move {
+        self.first("manifest GET", 0, |_, ep| async move {
             let (mt, bytes) = ep.get_manifest(repo, reference).await?;
             if let Some(expected) = expect {
                 let actual = Digest::of(&bytes);
@@ -238,13 +241,8 @@ impl Upstream {
         offset: u64,
     ) -> Result<flight::Body, Error> {
         let defer = self.faults.get(digest).unwrap_or(0);
-        self.first("blob GET", defer, |ep| async move {
+        self.first("blob GET", defer, |index, ep| async move {
             let mut body = ep.open_blob(repo, digest, offset).await?;
-            let index = self
-                .endpoints
-                .iter()
-                .position(|e| Arc::ptr_eq(e, ep))
-                .expect("endpoint of this upstream");
             let (faults, ep, d) = (self.faults.clone(), ep.clone(), digest.clone());
             let endpoints = self.endpoints.len();
             body.blame = Some(Box::new(move |fault| {
@@ -253,8 +251,10 @@ impl Upstream {
                 }
                 tracing::warn!(registry = %ep.host, endpoint = %ep.label, digest = %d, ?fault, "endpoint failed this blob; the next attempt asks the next endpoint first");
                 ep.breaker.failure(Failure::Server);
-                let bits = faults.get(&d).unwrap_or(0) | (1 << index);
-                faults.insert(d.clone(), bits);
+                let bits = faults
+                    .entry(d.clone())
+                    .and_upsert_with(|old| old.map_or(0, |e| e.into_value()) | (1 << index))
+                    .into_value();
                 bits.count_ones() < endpoints as u32
             }));
             Ok(body)
@@ -264,7 +264,7 @@ impl Upstream {
 
     /// A blob's size.
     pub async fn head_blob(&self, repo: &Repository, digest: &Digest) -> Result<u64, Error> {
-        self.first("blob HEAD", 0, |ep| ep.head_blob(repo, digest))
+        self.first("blob HEAD", 0, |_, ep| ep.head_blob(repo, digest))
             .await
     }
 
@@ -275,7 +275,7 @@ impl Upstream {
         tail: &str,
         accept: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, Error> {
-        self.first("relay", 0, |ep| async move {
+        self.first("relay", 0, |_, ep| async move {
             let resp = ep.passthrough(repo, tail, accept).await?;
             match resp.status().as_u16() {
                 401 | 403 => Err(Error::UpstreamDenied(resp.status().as_u16())),
