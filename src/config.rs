@@ -541,12 +541,12 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_CAPACITY: Capacity = Capacity::Share(0.5);
 /// Default connect timeout: short, so containerd falls back quickly.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Default read timeout.
+/// Default read timeout (also the window of the minimum body rate).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default minimum upstream body rate (bytes per second).
-pub const DEFAULT_MIN_RATE: u64 = 16 * 1024;
+pub const DEFAULT_MIN_RATE: u64 = crate::cache::flight::DEFAULT_MIN_RATE;
 /// Default verification hold of a download.
-pub const DEFAULT_VERIFY_HOLD: Duration = Duration::from_secs(1);
+pub const DEFAULT_VERIFY_HOLD: Duration = crate::cache::flight::DEFAULT_VERIFY_HOLD;
 /// Default client header read timeout.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default client idle timeout (nginx's `keepalive_timeout` is 75 s).

@@ -84,11 +84,17 @@ pub struct Policy {
     pub rate_window: Duration,
 }
 
+/// Default [`Policy::verify_hold`].
+pub const DEFAULT_VERIFY_HOLD: Duration = Duration::from_secs(1);
+/// Default [`Policy::min_rate`] (bytes per second).
+pub const DEFAULT_MIN_RATE: u64 = 16 * 1024;
+
 impl Default for Policy {
+    /// The defaults `berth serve` uses (its rate window is the read timeout).
     fn default() -> Policy {
         Policy {
-            verify_hold: Duration::from_secs(1),
-            min_rate: 16 * 1024,
+            verify_hold: DEFAULT_VERIFY_HOLD,
+            min_rate: DEFAULT_MIN_RATE,
             rate_window: Duration::from_secs(30),
         }
     }
@@ -628,14 +634,8 @@ async fn pump(
             tx.send(Msg::Release).await.map_err(|_| writer_gone())?;
         }
         let broken = match next {
-            // A timer fired: only the rate may have run out.
-            None => match rate.check() {
-                Ok(()) => continue,
-                Err(e) => {
-                    let _ = body.blame(Fault::TooSlow);
-                    e
-                }
-            },
+            // A timer fired: only the rate window may be over.
+            None => None,
             Some(Some(Ok(chunk))) => {
                 received += chunk.len() as u64;
                 rate.bytes += chunk.len() as u64;
@@ -645,20 +645,24 @@ async fn pump(
                     ));
                 }
                 tx.send(Msg::Data(chunk)).await.map_err(|_| writer_gone())?;
-                match rate.check() {
-                    Ok(()) => continue,
-                    Err(e) => {
-                        let _ = sources.last().expect("a body").blame(Fault::TooSlow);
-                        e
-                    }
-                }
+                None
             }
-            Some(Some(Err(e))) => e,
+            Some(Some(Err(e))) => Some(e),
             Some(None) if size.is_none_or(|s| received == s) => return Ok(()),
-            Some(None) => Error::UpstreamFailed(format!(
+            Some(None) => Some(Error::UpstreamFailed(format!(
                 "upstream body ended at {received} of {} bytes",
                 size.unwrap_or(0)
-            )),
+            ))),
+        };
+        let broken = match broken {
+            Some(e) => e,
+            None => match rate.check() {
+                Ok(()) => continue,
+                Err(e) => {
+                    let _ = body.blame(Fault::TooSlow);
+                    e
+                }
+            },
         };
         resumes += 1;
         if resumes > MAX_RESUMES {
