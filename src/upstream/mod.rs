@@ -347,15 +347,16 @@ pub(crate) fn url_is_private(url: &Url) -> bool {
 }
 
 /// Whether the connection was reset or closed before a complete response
-/// (after it was established): transient, worth one immediate retry on a
-/// new connection.
+/// (after it was established), also before the request could be written
+/// (hyper reports that as canceled): transient, worth one immediate retry
+/// on a new connection.
 pub(crate) fn connection_dropped(e: &reqwest::Error) -> bool {
     if e.is_connect() || e.is_timeout() {
         return false;
     }
     std::iter::successors(std::error::Error::source(e), |s| s.source()).any(|c| {
         c.downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
+            .is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
             || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
                 use std::io::ErrorKind::*;
                 matches!(
