@@ -1,7 +1,8 @@
 //! The in-memory index of published content: a size-weighted LRU (moka,
 //! LRU policy so a freshly fetched blob is never refused admission). The
-//! eviction listener unlinks the file; a mapping that is still being served
-//! keeps its inode alive, so streaming clients are not disturbed.
+//! eviction listener hands the file to the [`Reaper`] thread, which unlinks
+//! it off the async workers; a mapping that is still being served keeps its
+//! inode alive, so streaming clients are not disturbed.
 //!
 //! Downloads in progress are accounted for before they finish with a
 //! reservation entry of the expected size, so that concurrent misses cannot
@@ -24,6 +25,7 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
+use super::reaper::Reaper;
 use super::store::{Scanned, Store};
 use crate::registry::Digest;
 
@@ -70,7 +72,7 @@ pub struct Index {
     next_reservation: AtomicU64,
     /// Ids of the reservations alive now (kept most recent).
     live: Mutex<HashSet<u64>>,
-    evictions: Arc<AtomicU64>,
+    reaper: Arc<Reaper>,
     /// Digests that must never be evicted (published or not yet).
     pin_set: ArcSwap<HashSet<Digest>>,
     /// Published pinned entries.
@@ -113,10 +115,10 @@ fn weight(size: u64) -> u32 {
 
 impl Index {
     /// An empty index bounded to `capacity` bytes whose evictions unlink
-    /// files from `store`.
+    /// files from `store` (on the reaper thread).
     pub fn new(capacity: u64, store: Arc<Store>) -> Index {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let counter = evictions.clone();
+        let reaper = Arc::new(Reaper::start(store));
+        let queue = reaper.clone();
         let entries = Cache::builder()
             .max_capacity(capacity.div_ceil(1024).max(1))
             .eviction_policy(EvictionPolicy::lru())
@@ -129,16 +131,7 @@ impl Index {
                     return;
                 }
                 if let Key::Blob(d) = &*k {
-                    match store.remove_blob(d, e.ino) {
-                        Ok(true) => {
-                            counter.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(digest = %d, size = e.size, "evicted");
-                        }
-                        Ok(false) => {}
-                        Err(error) => {
-                            tracing::warn!(%error, digest = %d, "could not remove an evicted blob")
-                        }
-                    }
+                    queue.evicted(d.clone(), e.ino, e.size);
                 }
             })
             .build();
@@ -147,7 +140,7 @@ impl Index {
             capacity,
             next_reservation: AtomicU64::new(0),
             live: Mutex::new(HashSet::new()),
-            evictions,
+            reaper,
             pin_set: ArcSwap::from_pointee(HashSet::new()),
             pinned: ArcSwap::from_pointee(HashMap::new()),
             pinned_space: Mutex::new(None),
@@ -383,9 +376,15 @@ impl Index {
         self.len() == 0
     }
 
-    /// Evictions since start.
+    /// Evicted blobs unlinked since start.
     pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
+        self.reaper.evictions()
+    }
+
+    /// Wait until the files of every eviction so far are unlinked.
+    pub fn settle(&self) {
+        self.entries.run_pending_tasks();
+        self.reaper.flush();
     }
 }
 
@@ -412,6 +411,7 @@ mod tests {
         assert!(index.weighted_bytes() <= 10 * 1024);
         assert!(index.contains(&ds[0]) && index.contains(&ds[2]));
         assert!(!index.contains(&ds[1]));
+        index.settle();
         assert!(
             store.open_published(&ds[1]).unwrap().is_none(),
             "evicted file unlinked"

@@ -6,6 +6,7 @@ pub mod flight;
 pub mod index;
 pub mod mmap;
 pub mod provenance;
+pub mod reaper;
 pub mod store;
 
 use std::sync::Arc;
