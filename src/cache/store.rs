@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::registry::{Digest, RegistryHost, Repository, Tag};
@@ -25,13 +26,23 @@ pub struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
     /// Set when a write ran out of space; cleared once space is back.
-    full: AtomicBool,
+    full: Arc<AtomicBool>,
     /// Unix millis of the last free-space check while full.
     full_checked: AtomicU64,
 }
 
 /// While the filesystem is full, free space is checked at most this often.
 const FULL_RECHECK_MS: u64 = 2000;
+
+/// End pass-through mode if the cache filesystem has room again.
+fn recheck_space(root: &Path, full: &AtomicBool) {
+    let (Ok(free), Ok(total)) = (fs4::available_space(root), fs4::total_space(root)) else {
+        return;
+    };
+    if free >= (64 << 20).min(total / 10) && full.swap(false, Ordering::Relaxed) {
+        tracing::info!(dir = %root.display(), free, "cache filesystem has space again: caching resumes");
+    }
+}
 
 /// A tag record found on disk: (registry, repository, tag, record bytes).
 pub type TagFile = (RegistryHost, Repository, Tag, Vec<u8>);
@@ -97,7 +108,7 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
-            full: AtomicBool::new(false),
+            full: Arc::new(AtomicBool::new(false)),
             full_checked: AtomicU64::new(0),
         };
         store.clean_tmp()?;
@@ -117,7 +128,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
-            full: AtomicBool::new(false),
+            full: Arc::new(AtomicBool::new(false)),
             full_checked: AtomicU64::new(0),
         })
     }
@@ -134,34 +145,26 @@ impl Store {
     }
 
     /// Whether the cache is in pass-through mode. While full, free space is
-    /// re-checked every couple of seconds; the mode ends by itself when at
-    /// least min(64 MiB, 10% of the filesystem) is free again.
+    /// re-checked every couple of seconds, on a blocking thread (`statvfs`
+    /// can stall on a busy or remote filesystem, and this is asked on every
+    /// miss); the mode ends by itself when at least min(64 MiB, 10% of the
+    /// filesystem) is free again.
     pub fn is_full(&self) -> bool {
         if !self.full.load(Ordering::Relaxed) {
             return false;
         }
         let now = now_ms();
         let last = self.full_checked.load(Ordering::Relaxed);
-        if now < last + FULL_RECHECK_MS
-            || self
+        if now >= last + FULL_RECHECK_MS
+            && self
                 .full_checked
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
+                .is_ok()
         {
-            return true;
+            let (root, full) = (self.root.clone(), self.full.clone());
+            super::in_background(move || recheck_space(&root, &full));
         }
-        let (Ok(free), Ok(total)) = (
-            fs4::available_space(&self.root),
-            fs4::total_space(&self.root),
-        ) else {
-            return true;
-        };
-        if free >= (64 << 20).min(total / 10) {
-            self.full.store(false, Ordering::Relaxed);
-            tracing::info!(dir = %self.root.display(), free, "cache filesystem has space again: caching resumes");
-            return false;
-        }
-        true
+        self.full.load(Ordering::Relaxed)
     }
 
     /// The cache root.
