@@ -139,6 +139,17 @@ impl From<Error> for Failure {
     }
 }
 
+/// Run cache file I/O (reads, fsynced writes) on a blocking thread: a
+/// scheduled prefetch runs inside the daemon, on the workers that serve.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Failure::Failed(format!("{what}: {e}")))
+}
+
 /// Shared by the workers of one run.
 struct Ctx {
     state: AppState,
@@ -383,16 +394,22 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
         &root.0.media_type,
         root.0.bytes.len() as u64,
     );
-    cache.put_tag(&t.registry, &t.repo, &t.tag, rec)?;
+    let (st, tag) = (ctx.state.clone(), t.clone());
+    blocking("storing a tag", move || {
+        st.cache.put_tag(&tag.registry, &tag.repo, &tag.tag, rec)
+    })
+    .await??;
     if platforms.is_empty() {
         let config = children(&root.0.bytes)
             .unwrap_or_default()
             .into_iter()
             .next();
-        platforms.push(
-            super::image::config_platform(&cache.store, config.as_ref())
-                .unwrap_or_else(|| "single manifest".into()),
-        );
+        let st = ctx.state.clone();
+        let platform = blocking("reading a config", move || {
+            super::image::config_platform(&st.cache.store, config.as_ref())
+        })
+        .await?;
+        platforms.push(platform.unwrap_or_else(|| "single manifest".into()));
     }
     Ok(Fetched {
         target: t.clone(),
@@ -410,7 +427,8 @@ async fn manifest(
     repo: &Repository,
     d: &Digest,
 ) -> Result<(Manifest, bool), Failure> {
-    if let Some(m) = ctx.state.cache.manifest(d)? {
+    let (st, digest) = (ctx.state.clone(), d.clone());
+    if let Some(m) = blocking("reading a manifest", move || st.cache.manifest(&digest)).await?? {
         return Ok((m, true));
     }
     let (mt, bytes) = or_cancel(
@@ -431,9 +449,10 @@ async fn manifest(
 
 async fn store_manifest(ctx: &Ctx, up: &Upstream, m: &Manifest) -> Result<(), Failure> {
     let (st, m, origin) = (ctx.state.clone(), m.clone(), up.origin());
-    tokio::task::spawn_blocking(move || st.cache.put_manifest(&m, &origin))
-        .await
-        .map_err(|e| Failure::Failed(format!("storing a manifest: {e}")))??;
+    blocking("storing a manifest", move || {
+        st.cache.put_manifest(&m, &origin)
+    })
+    .await??;
     Ok(())
 }
 
