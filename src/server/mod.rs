@@ -287,7 +287,13 @@ async fn dispatch<B>(
         Route::Ping => Ok(handlers::ping(head)),
         Route::Livez => Ok(handlers::probe(state, "livez")),
         Route::Readyz => Ok(handlers::probe(state, "readyz")),
-        Route::Metrics => Ok(handlers::probe(state, "metrics")),
+        // Encoding reads the cache filesystem's usage (statvfs): off the workers.
+        Route::Metrics => {
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || handlers::probe(&st, "metrics"))
+                .await
+                .map_err(|e| Error::Internal(format!("metrics task: {e}")))
+        }
         Route::Manifest(t, reference) => handlers::manifest(state, &t, reference, head).await,
         Route::Blob(t, d) => handlers::blob(state, &t, &d, req.headers(), head).await,
         Route::Tags(t) => {
