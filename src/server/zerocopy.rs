@@ -21,6 +21,7 @@
 //! connection keeps `TCP_NODELAY` for everything else). A filesystem that
 //! cannot feed `sendfile` falls back to copying.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -36,6 +37,16 @@ use crate::cache::mmap;
 const MAX_SENDFILE: usize = 16 << 20;
 /// Mapped slices shorter than this are copied with the bytes around them.
 pub const MIN_SENDFILE: usize = 64 << 10;
+/// Bytes one connection may write before it yields its worker. A client
+/// that reads as fast as loopback lets a body's writes succeed for as long
+/// as tokio's budget lasts (128 writes: 128 MiB of `sendfile`, tens of
+/// milliseconds), and every other connection on the worker, such as a
+/// cached manifest answer, waits that long; and when a download releases
+/// its bytes to 32 waiting clients at once, the last one's first byte waits
+/// for everyone's turn. A content body goes out in 1 MiB slices, so this is
+/// a yield after every slice (a fraction of a millisecond of `sendfile`);
+/// the yield costs one task switch.
+const YIELD_AFTER: usize = 1 << 20;
 
 /// A TCP stream that sends mapped cache content with `sendfile(2)`.
 pub struct Zerocopy {
@@ -43,6 +54,8 @@ pub struct Zerocopy {
     corked: bool,
     /// `sendfile` refused this connection's files once: copy from now on.
     copy_only: bool,
+    /// Bytes written since this connection last yielded its worker.
+    since_yield: usize,
 }
 
 impl Zerocopy {
@@ -52,7 +65,28 @@ impl Zerocopy {
             inner,
             corked: false,
             copy_only: false,
+            since_yield: 0,
         }
+    }
+
+    /// Yield the worker once [`YIELD_AFTER`] bytes went out since the last
+    /// yield; `yield_now` defers the wake-up until the I/O driver was
+    /// polled, so the connections it makes ready run first.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.since_yield < YIELD_AFTER {
+            return Poll::Ready(());
+        }
+        self.since_yield = 0;
+        let turn = std::pin::pin!(tokio::task::yield_now());
+        turn.poll(cx)
+    }
+
+    /// Count what a write sent toward the next yield.
+    fn sent(&mut self, r: io::Result<usize>) -> Poll<io::Result<usize>> {
+        if let Ok(n) = r {
+            self.since_yield += n;
+        }
+        Poll::Ready(r)
     }
 
     /// The file and offset behind `buf`, if it is worth a `sendfile`.
@@ -157,11 +191,13 @@ impl AsyncWrite for Zerocopy {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_turn(cx));
         if let Some((file, offset)) = self.mapped(buf) {
-            return self.poll_sendfile(cx, buf, &file, offset);
+            let sent = ready!(self.poll_sendfile(cx, buf, &file, offset));
+            return self.sent(sent);
         }
         let sent = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
-        Poll::Ready(sent.inspect_err(|e| poison_on_fault(e, &[IoSlice::new(buf)])))
+        self.sent(sent.inspect_err(|e| poison_on_fault(e, &[IoSlice::new(buf)])))
     }
 
     fn poll_write_vectored(
@@ -172,8 +208,10 @@ impl AsyncWrite for Zerocopy {
         let Some(first) = bufs.iter().position(|b| !b.is_empty()) else {
             return Poll::Ready(Ok(0));
         };
+        ready!(self.poll_turn(cx));
         if let Some((file, offset)) = self.mapped(&bufs[first]) {
-            return self.poll_sendfile(cx, &bufs[first], &file, offset);
+            let sent = ready!(self.poll_sendfile(cx, &bufs[first], &file, offset));
+            return self.sent(sent);
         }
         // Plain bytes up to the next mapped slice, which the next call sends.
         let end = bufs[first..]
@@ -185,7 +223,7 @@ impl AsyncWrite for Zerocopy {
             self.cork(true);
         }
         let sent = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[first..end]));
-        Poll::Ready(sent.inspect_err(|e| poison_on_fault(e, &bufs[first..end])))
+        self.sent(sent.inspect_err(|e| poison_on_fault(e, &bufs[first..end])))
     }
 
     fn is_write_vectored(&self) -> bool {
