@@ -27,7 +27,10 @@ small OCI manifest (tag ``latest``) to the origin, then measures:
    body byte of every client, bytes and requests the origin served;
 3. cached manifest by tag and by digest with wrk (-t2 -c64 --latency) against
    nginx's 530-byte file, berth, the origin and distribution-proxy, counting
-   origin requests during each run;
+   origin requests during each run; then the latency of a light, steady stream
+   of cached-manifest requests (benches/latency_probe.py) alone and while 8
+   cold pulls of distinct blobs download, hash, write and fsync into the same
+   mirror (berth and distribution-proxy, fresh cache each run);
 4. berth RSS idle and while serving;
 5. berth start-up time with 100,000 cached blobs (spawn -> ``GET /v2/`` 200).
 
@@ -651,6 +654,44 @@ def push_manifest(port, repo, tag, body):
 
 
 # ---------------------------------------------------------------------------
+# latency probe (benches/latency_probe.py, in its own process)
+
+
+class Probe:
+    """A steady stream of small GETs on kept-alive connections (one per
+    path) until stopped; `.result` holds every latency in ms."""
+
+    def __init__(self, port, paths, interval_ms=2.0):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("latency_probe.py")), str(port), *paths,
+             "--interval-ms", str(interval_ms)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("latency probe did not start")
+        self.result = None
+
+    def stop(self):
+        out, _ = self.proc.communicate(input="", timeout=60)
+        self.result = json.loads(out)
+        return self.result
+
+
+def pct(xs, q):
+    """The q-th percentile (nearest rank) of xs."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * len(xs) + 0.5)) - 1))]
+
+
+def latency_summary(res):
+    ms = res["ms"]
+    return dict(requests=len(ms), p50_ms=pct(ms, 50), p99_ms=pct(ms, 99), p999_ms=pct(ms, 99.9),
+                max_ms=max(ms) if ms else None, status=res["status"], errors=res["errors"],
+                seconds=res["seconds"])
+
+
+# ---------------------------------------------------------------------------
 # wrk
 
 
@@ -696,7 +737,7 @@ class Suite:
         self.runs = args.runs
         self.problems = []  # misbehaviour, reported
         self.notes = []
-        self.data = dict(warm={}, cold={}, manifest={}, memory={}, startup={})
+        self.data = dict(warm={}, cold={}, manifest={}, manifest_load={}, memory={}, startup={})
         self.servers = {}  # name -> (Proc, port, ns?)
 
     # -- setup ---------------------------------------------------------------
@@ -920,6 +961,71 @@ class Suite:
         if time.monotonic() - primed > ttl:
             self.notes.append("the manifest runs outlasted the tag TTL: berth revalidated the "
                               "tag with the origin during them (expected)")
+
+    # -- cached manifest latency while cold pulls write -----------------------
+    def manifest_under_load(self):
+        """p50/p99 of a steady stream of cached-manifest GETs (by tag and by
+        digest), first alone, then while 8 cold pulls of distinct large blobs
+        download, write and fsync into the same mirror (fresh, empty cache
+        each run). Blocking file I/O on the async workers shows up here as
+        latency spikes of the cached answers."""
+        n, size = 8, self.args.load_mib * MiB
+        if not hasattr(self, "load_digests"):
+            log(f"pushing {n} distinct {self.args.load_mib} MiB blobs for the load scenario")
+            self.load_digests = []
+            path = self.tmp / "load-blob"
+            for _ in range(n):
+                d = make_blob(path, size)
+                push_blob(self.origin_port, REPO, d, size, path=path)
+                self.load_digests.append(d)
+            path.unlink()
+        idx = 1000
+        for run_i in range(self.runs):
+            for kind in ("berth", "dist-proxy"):
+                idx += 1
+                log(f"manifest latency run {run_i + 1}/{self.runs}: {kind}, alone then under "
+                    f"{n} cold pulls")
+                proc, port, _, px, base = self._fresh_mirror(kind, idx)
+                ns = kind == "berth"
+                paths = [manifest_path(TAG, ns=ns), manifest_path(self.manifest_digest, ns=ns)]
+                try:
+                    for p in paths:
+                        st, _, body = get_small(port, p)
+                        if st != 200 or body != self.manifest:
+                            self.problems.append(f"manifest latency {kind}: priming {p}: HTTP {st}")
+                    rec = {}
+                    probe = Probe(port, paths)
+                    time.sleep(self.args.probe_seconds)
+                    rec["alone"] = latency_summary(probe.stop())
+                    probe = Probe(port, paths)
+                    time.sleep(0.2)
+                    runs = [None] * n
+
+                    def pull(i):
+                        runs[i] = run_clients(port, blob_path(self.load_digests[i], ns=ns), 1)
+
+                    threads = [threading.Thread(target=pull, args=(i,)) for i in range(n)]
+                    t = time.perf_counter()
+                    for th in threads:
+                        th.start()
+                    for th in threads:
+                        th.join()
+                    wall = time.perf_counter() - t
+                    rec["loaded"] = latency_summary(probe.stop())
+                    rec["loaded"]["pull_wall_s"] = wall
+                    for i, r in enumerate(runs):
+                        self.problems += check_clients(r, size, what=f"manifest latency {kind} pull {i}:")
+                    for phase in ("alone", "loaded"):
+                        v = rec[phase]
+                        if v["errors"] or set(v["status"]) - {"200"}:
+                            self.problems.append(f"manifest latency {kind} {phase}: statuses "
+                                                 f"{v['status']}, errors {v['errors'][:3]}")
+                    if kind == "berth":
+                        self.problems += scan_berth_log(base / "berth.log", "manifest latency berth")
+                    self.data["manifest_load"].setdefault(kind, []).append(rec)
+                finally:
+                    proc.stop()
+                    shutil.rmtree(base, ignore_errors=True)
 
     # -- memory after load ------------------------------------------------------
     def memory_after(self):
@@ -1183,6 +1289,44 @@ def render(suite, meta):
       "origin about a tag on every request.")
     w("")
 
+    # manifest latency under cold load
+    ml = d.get("manifest_load") or {}
+    if ml:
+        w(f"## Cached manifest latency while 8 cold pulls write and fsync")
+        w("")
+        w(f"A steady stream of cached-manifest GETs (one kept-alive connection by tag, one by digest, "
+          f"a request every 2 ms each, from a separate process) against a fresh mirror: "
+          f"{suite.args.probe_seconds:g} s alone, then while 8 clients pull 8 distinct "
+          f"{suite.args.load_mib} MiB blobs cold through the same mirror (each downloaded, hashed, "
+          f"written and fsynced).")
+        w("")
+        w("| mirror | phase | requests | p50 ms | p99 ms | p99.9 ms | max ms | pulls' wall s |")
+        w("|---|---|---:|---:|---:|---:|---:|---:|")
+        for kind, recs in ml.items():
+            for phase in ("alone", "loaded"):
+                rs = [r[phase] for r in recs]
+                w(f"| {kind} | {'alone' if phase == 'alone' else 'during 8 cold pulls'} | "
+                  f"{fmt_runs([r['requests'] for r in rs])} | {fmt_runs([r['p50_ms'] for r in rs], 2)} | "
+                  f"{fmt_runs([r['p99_ms'] for r in rs], 2)} | {fmt_runs([r['p999_ms'] for r in rs], 2)} | "
+                  f"{fmt_runs([r['max_ms'] for r in rs], 1)} | "
+                  f"{fmt_runs([r.get('pull_wall_s') for r in rs], 2) if phase == 'loaded' else '–'} |")
+        w("")
+        recs = ml.get("berth", [])
+        if recs:
+            alone = med([r["alone"]["p99_ms"] for r in recs])
+            loaded = med([r["loaded"]["p99_ms"] for r in recs])
+            worst = max((r["loaded"]["p99_ms"] for r in recs if r["loaded"]["p99_ms"] is not None),
+                        default=None)
+            p50 = med([r["loaded"]["p50_ms"] for r in recs])
+            targets.append(("cached manifest p50 while 8 cold pulls write and fsync (berth) <= 1 ms",
+                            f"median {fmt_num(p50, 2)} ms (alone: "
+                            f"{fmt_num(med([r['alone']['p50_ms'] for r in recs]), 2)} ms)",
+                            None if p50 is None else p50 <= 1))
+            targets.append(("cached manifest p99 while 8 cold pulls write and fsync (berth) <= 10 ms",
+                            f"median {fmt_num(loaded, 2)} ms, worst run {fmt_num(worst, 2)} ms "
+                            f"(alone: {fmt_num(alone, 2)} ms)",
+                            None if worst is None else worst <= 10))
+
     # memory
     mem = d["memory"]
     w("## berth memory")
@@ -1317,6 +1461,13 @@ def main():
                     help="validation run: 64 MiB blob, 1 run, 3 s wrk (about a minute)")
     ap.add_argument("--wrk-seconds", type=int, default=None, help="wrk duration (default 10, quick 3)")
     ap.add_argument("--tag-ttl", default="5m", help="berth --tag-ttl (default 5m)")
+    ap.add_argument("--load-mib", type=int, default=None,
+                    help="size of each of the 8 blobs pulled cold in the manifest-latency "
+                         "scenario (default 256, quick 32)")
+    ap.add_argument("--probe-seconds", type=float, default=None,
+                    help="manifest latency measured alone for this long (default 10, quick 3)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: warm,manifests,load,cold,startup")
     ap.add_argument("--startup-blobs", type=int, default=100_000,
                     help="cached blobs for the start-up test (default 100000)")
     ap.add_argument("--berth-bin", help="use this berth binary instead of building one")
@@ -1326,6 +1477,12 @@ def main():
     args.size_mib = args.size_mib or (64 if args.quick else 1024)
     args.runs = args.runs or (1 if args.quick else 3)
     args.wrk_seconds = args.wrk_seconds or (3 if args.quick else 10)
+    args.load_mib = args.load_mib or (32 if args.quick else 256)
+    args.probe_seconds = args.probe_seconds or (3 if args.quick else 10)
+    everything = ["warm", "manifests", "load", "cold", "startup"]
+    args.only = args.only.split(",") if args.only else everything
+    if set(args.only) - set(everything):
+        raise SystemExit(f"--only: unknown scenario(s) {set(args.only) - set(everything)}")
 
     for tool in ("nginx", REGISTRY_BIN, "wrk"):
         if not shutil.which(tool):
@@ -1351,11 +1508,17 @@ def main():
     status = 0
     try:
         suite.setup()
-        suite.warm()
-        suite.manifests()
+        if "warm" in args.only:
+            suite.warm()
+        if "manifests" in args.only:
+            suite.manifests()
         suite.memory_after()
-        suite.cold()
-        suite.startup()
+        if "load" in args.only:
+            suite.manifest_under_load()
+        if "cold" in args.only:
+            suite.cold()
+        if "startup" in args.only:
+            suite.startup()
         meta["loadavg_end"] = loadavg()
         report, targets = render(suite, meta)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
