@@ -23,8 +23,13 @@
 //!   ([`cache::index`]), single-flight downloads with streaming followers
 //!   ([`cache::flight`]), which registries may read private content
 //!   ([`cache::provenance`]), and the one module with `unsafe` ([`cache::mmap`]).
+//! - [`mirror`]: what berth decides, independent of HTTP: tag TTL and
+//!   revalidation, stale answers, manifest fetch-verify-store, blob hits,
+//!   downloads and relays, the private-content proof; used by the server
+//!   and by prefetch.
+//! - [`transfer`]: a blob body in transit and how to blame its source.
 //! - [`coalesce`]: one upstream call for many identical concurrent requests.
-//! - [`state`]: the shared [`state::AppState`].
+//! - [`state`]: the shared [`state::AppState`] (config + mirror + readiness).
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
 //! - [`admin`]: offline and maintenance commands on a cache directory:
 //!   `berth ls`, `verify`, `gc`, `export`/`import` (OCI layout bundles for
@@ -40,6 +45,7 @@ pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod mirror;
 pub mod node;
 pub mod pins;
 pub mod registry;
@@ -47,6 +53,7 @@ pub mod server;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod transfer;
 pub mod upstream;
 
 use std::future::Future;
@@ -90,7 +97,8 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let metrics = metrics::Metrics::register().context("registering metrics")?;
     let upstreams =
         upstream::Upstreams::new(&config, &metrics).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let state = AppState::new(config, cache, upstreams, metrics, lock);
+    let mirror = mirror::Mirror::new(cache, upstreams, metrics, config.tag_ttl);
+    let state = AppState::new(config, mirror, lock);
     // `Cache::open` loaded the index (before any listener is bound).
     state.readiness.index_loaded();
     Ok(state)
@@ -117,7 +125,7 @@ pub async fn serve(
     };
     let retention = state.config.retention;
     if !retention.is_zero() {
-        let st = state.clone();
+        let mirror = state.mirror.clone();
         let mut stop = rx.clone();
         tokio::spawn(async move {
             // Check often enough to be within ~4% of the configured age.
@@ -126,9 +134,9 @@ pub async fn serve(
                 std::time::Duration::from_secs(3600),
             );
             loop {
-                let cache = st.clone();
-                let _ = tokio::task::spawn_blocking(move || cache.cache.apply_retention(retention))
-                    .await;
+                let m = mirror.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || m.cache.apply_retention(retention)).await;
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.wait_for(|v| *v) => break,

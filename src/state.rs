@@ -1,16 +1,12 @@
-//! The one value every handler receives: configuration, cache, upstreams,
-//! metrics and the coalescing tables. Cheap to clone (an `Arc` inside).
-//! Also the [`Readiness`] that `/readyz` reports.
+//! The one value every handler receives: configuration and the
+//! [`Mirror`] (cache, upstreams, metrics). Cheap to clone (an `Arc`
+//! inside). Also the [`Readiness`] that `/readyz` reports.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::cache::{Cache, Manifest};
-use crate::coalesce::Coalescer;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::registry::{Reference, RegistryHost, Repository};
-use crate::upstream::{ManifestHead, Upstreams};
+use crate::mirror::Mirror;
 
 /// Shared state; clones are shallow.
 #[derive(Clone)]
@@ -20,16 +16,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// Validated configuration.
     pub config: Config,
-    /// The cache.
-    pub cache: Cache,
-    /// Upstream clients.
-    pub upstreams: Upstreams,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Tag revalidations in progress (one HEAD per tag however many ask).
-    pub heads: Coalescer<(RegistryHost, Repository, Reference), ManifestHead>,
-    /// Manifest downloads in progress.
-    pub manifest_fetches: Coalescer<(RegistryHost, Repository, Reference), Manifest>,
+    /// What berth decides: cache, upstreams, metrics.
+    pub mirror: Mirror,
     /// What `/readyz` reports: ready once the cache index is loaded, not
     /// ready again from the start of shutdown.
     pub readiness: Readiness,
@@ -39,20 +27,10 @@ pub struct Inner {
 
 impl AppState {
     /// Wrap the parts.
-    pub fn new(
-        config: Config,
-        cache: Cache,
-        upstreams: Upstreams,
-        metrics: Metrics,
-        lock: std::fs::File,
-    ) -> AppState {
+    pub fn new(config: Config, mirror: Mirror, lock: std::fs::File) -> AppState {
         AppState(Arc::new(Inner {
             config,
-            cache,
-            upstreams,
-            metrics,
-            heads: Coalescer::default(),
-            manifest_fetches: Coalescer::default(),
+            mirror,
             readiness: Readiness::default(),
             _lock: lock,
         }))

@@ -37,10 +37,10 @@ use tokio_util::sync::CancellationToken;
 use super::listing::{self, natural_cmp};
 use super::progress::Progress;
 use super::{setup, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK};
-use crate::cache::flight::{Body, Joined, Opener};
 use crate::cache::{Manifest, TagRecord};
 use crate::config::{parse_capacity, Capacity, Config, PrefetchArgs};
 use crate::error::Error;
+use crate::mirror::{BlobReply, CacheResult, Mirror, Tap};
 use crate::pins::{Rule, Rules};
 use crate::registry::manifest::{children, platform_matches, Child};
 use crate::registry::{Digest, Reference, RegistryHost, Repository, Tag};
@@ -137,17 +137,6 @@ impl From<Error> for Failure {
             None => e.to_string(),
         })
     }
-}
-
-/// Run cache file I/O (reads, fsynced writes) on a blocking thread: a
-/// scheduled prefetch runs inside the daemon, on the workers that serve.
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Failure::Failed(format!("{what}: {e}")))
 }
 
 /// Shared by the workers of one run.
@@ -253,6 +242,7 @@ async fn resolve_rule(
         .cloned()
         .unwrap_or_else(|| state.config.default_registry.clone());
     let up = state
+        .mirror
         .upstreams
         .get(&registry)
         .ok_or_else(|| format!("registry {registry} is not mirrored"))?;
@@ -298,15 +288,14 @@ async fn resolve_rule(
 /// Fetch one image; store manifests and the tag only when all blobs are in.
 async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
     let cancel = &ctx.cancel;
-    let cache = &ctx.state.cache;
-    let up = ctx
-        .state
+    let mirror = &ctx.state.mirror;
+    let up = mirror
         .upstreams
         .get(&t.registry)
         .cloned()
         .ok_or_else(|| Failure::Failed(format!("registry {} is not mirrored", t.registry)))?;
     let reference = Reference::Tag(t.tag.clone());
-    let head = or_cancel(cancel, up.head_manifest(&t.repo, &reference))
+    let head = or_cancel(cancel, mirror.head_tag(&up, &t.registry, &t.repo, &t.tag))
         .await
         .ok_or(Failure::Cancelled)?;
     let root = match head {
@@ -316,17 +305,10 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
         }
         // Registries that refuse HEAD or omit the digest: GET by tag.
         Ok(_) | Err(Error::UpstreamFailed(_)) => {
-            let (mt, bytes) = or_cancel(cancel, up.get_manifest(&t.repo, &reference, None))
+            let m = or_cancel(cancel, Mirror::get_manifest(&up, &t.repo, &reference, None))
                 .await
                 .ok_or(Failure::Cancelled)??;
-            (
-                Manifest {
-                    digest: Digest::of(&bytes),
-                    bytes,
-                    media_type: mt.into(),
-                },
-                false,
-            )
+            (m, false)
         }
         Err(e) => return Err(e.into()),
     };
@@ -360,13 +342,11 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
     }
     let todo: u64 = blobs
         .iter()
-        .filter(|b| !cache.index.contains(&b.digest))
+        .filter(|b| !mirror.cache.index.contains(&b.digest))
         .map(|b| b.size)
         .sum();
     ctx.progress.add_bytes(todo);
-    let results =
-        futures_util::future::join_all(blobs.iter().map(|b| fetch_blob(ctx, &up, &t.repo, b)))
-            .await;
+    let results = futures_util::future::join_all(blobs.iter().map(|b| fetch_blob(ctx, t, b))).await;
     let mut downloaded = 0;
     let mut errors = Vec::new();
     for (b, r) in blobs.iter().zip(results) {
@@ -386,7 +366,7 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
     // Everything is in: manifests (children first), then the tag.
     for (m, cached) in images.iter().chain(std::iter::once(&root)) {
         if !cached {
-            store_manifest(ctx, &up, m).await?;
+            mirror.store_manifest(m, crate::mirror::origin(&up)).await?;
         }
     }
     let rec = TagRecord::now(
@@ -394,21 +374,18 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
         &root.0.media_type,
         root.0.bytes.len() as u64,
     );
-    let (st, tag) = (ctx.state.clone(), t.clone());
-    blocking("storing a tag", move || {
-        st.cache.put_tag(&tag.registry, &tag.repo, &tag.tag, rec)
-    })
-    .await??;
+    mirror.put_tag(&t.registry, &t.repo, &t.tag, rec).await?;
     if platforms.is_empty() {
         let config = children(&root.0.bytes)
             .unwrap_or_default()
             .into_iter()
             .next();
-        let st = ctx.state.clone();
-        let platform = blocking("reading a config", move || {
-            super::image::config_platform(&st.cache.store, config.as_ref())
+        let m = mirror.clone();
+        let platform = tokio::task::spawn_blocking(move || {
+            super::image::config_platform(&m.cache.store, config.as_ref())
         })
-        .await?;
+        .await
+        .map_err(|e| Failure::Failed(format!("reading a config: {e}")))?;
         platforms.push(platform.unwrap_or_else(|| "single manifest".into()));
     }
     Ok(Fetched {
@@ -427,110 +404,58 @@ async fn manifest(
     repo: &Repository,
     d: &Digest,
 ) -> Result<(Manifest, bool), Failure> {
-    let (st, digest) = (ctx.state.clone(), d.clone());
-    if let Some(m) = blocking("reading a manifest", move || st.cache.manifest(&digest)).await?? {
+    if let Some(m) = ctx.state.mirror.cached_manifest(d).await? {
         return Ok((m, true));
     }
-    let (mt, bytes) = or_cancel(
-        &ctx.cancel,
-        up.get_manifest(repo, &Reference::Digest(d.clone()), Some(d)),
-    )
-    .await
-    .ok_or(Failure::Cancelled)??;
-    Ok((
-        Manifest {
-            digest: d.clone(),
-            bytes,
-            media_type: mt.into(),
-        },
-        false,
-    ))
+    let reference = Reference::Digest(d.clone());
+    let get = Mirror::get_manifest(up, repo, &reference, Some(d));
+    let m = or_cancel(&ctx.cancel, get)
+        .await
+        .ok_or(Failure::Cancelled)??;
+    Ok((m, false))
 }
 
-async fn store_manifest(ctx: &Ctx, up: &Upstream, m: &Manifest) -> Result<(), Failure> {
-    let (st, m, origin) = (ctx.state.clone(), m.clone(), up.origin());
-    blocking("storing a manifest", move || {
-        st.cache.put_manifest(&m, &origin)
-    })
-    .await??;
-    Ok(())
-}
-
-/// Download one blob through the flight table; `true` when this call
-/// downloaded it.
-async fn fetch_blob(
-    ctx: &Ctx,
-    up: &Arc<Upstream>,
-    repo: &Repository,
-    blob: &Child,
-) -> Result<bool, Failure> {
-    let cache = &ctx.state.cache;
-    if cache.index.contains(&blob.digest) {
+/// Download one blob through the mirror (a client pulling the same blob
+/// meanwhile shares the download); `true` when this call downloaded it.
+async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Child) -> Result<bool, Failure> {
+    let mirror = &ctx.state.mirror;
+    if mirror.cache.index.contains(&blob.digest) {
         return Ok(false);
     }
     let _permit = or_cancel(&ctx.cancel, ctx.permits.clone().acquire_owned())
         .await
         .ok_or(Failure::Cancelled)?
         .map_err(|_| Failure::Cancelled)?;
-    if cache.index.contains(&blob.digest) {
+    if mirror.cache.index.contains(&blob.digest) {
         return Ok(false);
     }
-    let opener = {
-        let (up, repo, digest) = (up.clone(), repo.clone(), blob.digest.clone());
-        let (cancel, limiter, progress) = (
-            ctx.cancel.clone(),
-            ctx.limiter.clone(),
-            ctx.progress.clone(),
-        );
-        move || -> Opener {
-            Box::new(move |offset| {
-                let (up, repo, digest) = (up.clone(), repo.clone(), digest.clone());
-                let (cancel, limiter, progress) =
-                    (cancel.clone(), limiter.clone(), progress.clone());
-                Box::pin(async move {
-                    let cancelled = || Error::Internal("prefetch cancelled".into());
-                    let body = or_cancel(&cancel, up.open_blob(&repo, &digest, offset))
-                        .await
-                        .ok_or_else(cancelled)??;
-                    let mut stream = body.stream;
-                    if let Some(l) = limiter {
-                        stream = l.throttle(stream);
+    let (limiter, progress) = (ctx.limiter.clone(), ctx.progress.clone());
+    let tap = Tap {
+        cancel: Some(ctx.cancel.clone()),
+        shape: Some(Arc::new(move |mut stream| {
+            if let Some(l) = &limiter {
+                stream = l.clone().throttle(stream);
+            }
+            let progress = progress.clone();
+            stream
+                .inspect(move |c| {
+                    if let Ok(b) = c {
+                        progress.advance(b.len() as u64);
                     }
-                    let stream = stream
-                        .inspect(move |c| {
-                            if let Ok(b) = c {
-                                progress.advance(b.len() as u64);
-                            }
-                        })
-                        // Cancellation ends the body early: the flight fails
-                        // (and resumes only to find the token cancelled).
-                        .take_until(cancel.cancelled_owned())
-                        .boxed();
-                    Ok(Body {
-                        size: body.size,
-                        stream,
-                        blame: body.blame,
-                    })
                 })
-            })
-        }
+                .boxed()
+        })),
     };
-    let publish = cache.publisher(up.origin());
-    let (flight, leader) = match cache.flights.join(&blob.digest, publish, opener)? {
-        Joined::Leader(f) => (f, true),
-        Joined::Follower(f) => (f, false),
-        Joined::Published => return Ok(false),
+    let open = mirror.open_blob(&t.registry, &t.repo, &blob.digest, &tap);
+    let (reply, result) = or_cancel(&ctx.cancel, open)
+        .await
+        .ok_or(Failure::Cancelled)??;
+    let flight = match reply {
+        BlobReply::Flight { flight, .. } => flight,
+        BlobReply::Cached(_) => return Ok(false),
+        BlobReply::Full => return Err(Failure::Failed("the cache filesystem is full".to_string())),
     };
-    if leader {
-        let metrics = ctx.state.metrics.clone();
-        metrics.inflight.inc();
-        let f = flight.clone();
-        // Mismatches are counted where they are blamed on an endpoint.
-        tokio::spawn(async move {
-            let _ = f.finished().await;
-            metrics.inflight.dec();
-        });
-    }
+    let leader = result == CacheResult::Miss;
     match or_cancel(&ctx.cancel, flight.finished()).await {
         None => Err(Failure::Cancelled),
         Some(Ok(size)) => {
@@ -695,12 +620,12 @@ async fn oneshot(
     // Downloads this run started end promptly once cancelled; wait for them
     // so that their temporary files are gone before the lock is released.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while state.cache.flights.in_flight() > 0 && Instant::now() < deadline {
+    while state.mirror.cache.flights.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if out.cancelled {
         // The lock is ours: nothing else can be writing into tmp/.
-        let tmp = state.cache.store.root().join("tmp");
+        let tmp = state.mirror.cache.store.root().join("tmp");
         if let Ok(rd) = std::fs::read_dir(&tmp) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());

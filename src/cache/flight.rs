@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{BoxStream, Stream, StreamExt};
+use futures_util::stream::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use super::index::Index;
@@ -63,6 +63,7 @@ use super::store::Store;
 use crate::error::Error;
 use crate::registry::digest::Digester;
 use crate::registry::Digest;
+use crate::transfer::{Body, Fault};
 
 /// How many times a broken upstream body is resumed before the flight fails.
 pub const MAX_RESUMES: u32 = 3;
@@ -100,20 +101,6 @@ impl Default for Policy {
     }
 }
 
-/// What went wrong with the bytes an upstream endpoint served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The blob's bytes did not match its digest.
-    Mismatch,
-    /// The body arrived slower than the minimum rate.
-    TooSlow,
-}
-
-/// Records a [`Fault`] against the endpoint that served a body, so the next
-/// attempt for the same blob asks another endpoint first. Returns whether an
-/// endpoint not at fault for this blob remains to be asked.
-pub type Blame = Box<dyn Fn(Fault) -> bool + Send + Sync>;
-
 /// Largest slice a reader hands out at once: one bounded body frame.
 const READ_CHUNK: u64 = crate::server::response::FRAME as u64;
 
@@ -136,23 +123,6 @@ pub enum State {
     },
     /// Failed; nothing was published.
     Failed(Error),
-}
-
-/// An upstream body, possibly starting at an offset.
-pub struct Body {
-    /// Full size of the blob, when the upstream said.
-    pub size: Option<u64>,
-    /// The bytes from the requested offset on.
-    pub stream: BoxStream<'static, Result<Bytes, Error>>,
-    /// Who to blame if the bytes turn out bad or too slow.
-    pub blame: Option<Blame>,
-}
-
-impl Body {
-    /// Blame this body's source; whether another source remains.
-    fn blame(&self, fault: Fault) -> bool {
-        self.blame.as_ref().is_some_and(|b| b(fault))
-    }
 }
 
 /// Opens the upstream body at a byte offset (0, or where to resume).
@@ -756,6 +726,7 @@ fn write_loop(
 mod tests {
     use super::*;
     use crate::cache::Cache;
+    use crate::transfer::Blame;
     use std::sync::atomic::AtomicUsize;
 
     fn cache(policy: Policy) -> (tempfile::TempDir, Cache) {

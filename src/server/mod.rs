@@ -9,7 +9,6 @@ pub mod handlers;
 pub mod range;
 pub mod response;
 pub mod route;
-pub mod uncached;
 pub mod watchdog;
 pub mod zerocopy;
 
@@ -26,9 +25,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Source};
+use crate::mirror::CacheResult;
 use crate::state::AppState;
 use deadline::FirstBytes;
-use response::{Body, CacheResult, ErrorNote};
+use response::{Body, ErrorNote};
 use route::{Registries, Route};
 use watchdog::{Activity, Tracked, Verdict, Watched};
 use zerocopy::Zerocopy;
@@ -206,7 +206,7 @@ where
             // Re-created each turn: the verdict is read from `activity`. A
             // closing connection is still cut off when it stalls.
             verdict = activity.expired(if closing { Duration::MAX / 4 } else { idle }, send) => {
-                state.metrics.connections_closed.with_label_values(&[verdict.label()]).inc();
+                state.mirror.metrics.connections_closed.with_label_values(&[verdict.label()]).inc();
                 tracing::debug!(reason = verdict.label(), "closing client connection");
                 match verdict {
                     Verdict::Idle => {
@@ -235,7 +235,7 @@ where
 pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
     let head = handlers::is_head(&req);
-    let mirrored = |h: &crate::registry::RegistryHost| state.upstreams.get(h).is_some();
+    let mirrored = |h: &crate::registry::RegistryHost| state.mirror.upstreams.get(h).is_some();
     let regs = Registries {
         default: &state.config.default_registry,
         mirrored: &mirrored,
@@ -329,7 +329,12 @@ fn private_guard<B>(state: &AppState, req: &Request<B>, r: Route) -> Result<Rout
         Route::Manifest(t, _) | Route::Blob(t, _) | Route::Tags(t) | Route::Referrers(t, _) => t,
         _ => return Ok(r),
     };
-    if !state.upstreams.get(&t.registry).is_some_and(|u| u.private) {
+    if !state
+        .mirror
+        .upstreams
+        .get(&t.registry)
+        .is_some_and(|u| u.private)
+    {
         return Ok(r);
     }
     let token_presented = state.config.client_token.is_some() && authorized(state, req);
@@ -397,7 +402,7 @@ fn record<B>(
 ) {
     let elapsed = started.elapsed();
     let status = resp.status();
-    let m = &state.metrics;
+    let m = &state.mirror.metrics;
     m.requests
         .with_label_values(&[label, req.method().as_str(), status.as_str()])
         .inc();

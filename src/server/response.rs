@@ -43,34 +43,6 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// What the request turned out to be, for the access log and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    /// Served from the cache.
-    Hit,
-    /// Fetched from upstream by this request.
-    Miss,
-    /// Joined a fetch already in progress.
-    Coalesced,
-    /// Served from the cache because upstream failed (offline).
-    Stale,
-    /// Passed through without caching.
-    Pass,
-}
-
-impl CacheResult {
-    /// Metric/log label.
-    pub fn label(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Coalesced => "coalesced",
-            CacheResult::Stale => "stale",
-            CacheResult::Pass => "pass",
-        }
-    }
-}
-
 /// The error (kept for the access log) attached to an error response.
 #[derive(Debug, Clone)]
 pub struct ErrorNote(pub Error);

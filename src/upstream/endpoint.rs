@@ -18,12 +18,12 @@ use super::breaker::Breaker;
 use super::limiter::Limiter;
 use super::resolve::{GuardedResolver, Policy};
 use super::{connection_dropped, map_reqwest, redact, retry_after, url_is_private, ManifestHead};
-use crate::cache::flight;
 use crate::config::{Config, ConfigError, Credentials, EndpointConfig};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::registry::media_type::{self, MANIFEST_ACCEPT, MAX_MANIFEST_SIZE};
 use crate::registry::{Digest, Reference, RegistryHost, Repository};
+use crate::transfer;
 
 /// One endpoint of a mirrored registry.
 pub struct Endpoint {
@@ -487,7 +487,7 @@ impl Endpoint {
         repo: &Repository,
         digest: &Digest,
         offset: u64,
-    ) -> Result<flight::Body, Error> {
+    ) -> Result<transfer::Body, Error> {
         let mut headers = HeaderMap::new();
         if offset > 0 {
             headers.insert(
@@ -545,7 +545,7 @@ impl Endpoint {
             Some(l) => l.clone().throttle(stream.boxed()),
             None => stream.boxed(),
         };
-        Ok(flight::Body {
+        Ok(transfer::Body {
             size,
             stream,
             blame: None,

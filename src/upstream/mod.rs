@@ -22,11 +22,11 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use url::Url;
 
-use crate::cache::flight;
 use crate::config::{Config, ConfigError, RegistryConfig};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::registry::{Digest, Reference, RegistryHost, Repository};
+use crate::transfer;
 use breaker::Failure;
 use endpoint::Endpoint;
 
@@ -129,15 +129,6 @@ impl Upstream {
         })
     }
 
-    /// Where content fetched through this registry comes from (for the
-    /// provenance of private content).
-    pub fn origin(&self) -> crate::cache::provenance::Origin {
-        crate::cache::provenance::Origin {
-            registry: self.host.clone(),
-            private: self.private,
-        }
-    }
-
     /// Run `op` on each endpoint in order until one answers; endpoints in
     /// `defer` (they failed this very object) are tried after the others.
     /// Endpoints whose breaker is open are skipped without a request; if
@@ -233,20 +224,20 @@ impl Upstream {
     /// Open a blob's body at `offset` on the first endpoint that serves it.
     /// Endpoints whose bytes for this blob failed verification or trickled
     /// below the minimum rate lately are asked last; the body carries a
-    /// [`flight::Blame`] that records such a fault against its endpoint.
+    /// [`transfer::Blame`] that records such a fault against its endpoint.
     pub async fn open_blob(
         &self,
         repo: &Repository,
         digest: &Digest,
         offset: u64,
-    ) -> Result<flight::Body, Error> {
+    ) -> Result<transfer::Body, Error> {
         let defer = self.faults.get(digest).unwrap_or(0);
         self.first("blob GET", defer, |index, ep| async move {
             let mut body = ep.open_blob(repo, digest, offset).await?;
             let (faults, ep, d) = (self.faults.clone(), ep.clone(), digest.clone());
             let endpoints = self.endpoints.len();
             body.blame = Some(Box::new(move |fault| {
-                if fault == flight::Fault::Mismatch {
+                if fault == transfer::Fault::Mismatch {
                     ep.metrics.digest_mismatches.inc();
                 }
                 tracing::warn!(registry = %ep.host, endpoint = %ep.label, digest = %d, ?fault, "endpoint failed this blob; the next attempt asks the next endpoint first");
