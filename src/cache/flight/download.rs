@@ -1,0 +1,323 @@
+//! The download itself: pump the upstream body (resuming with Range,
+//! moving to the next endpoint on a mismatch within the verification hold,
+//! or on a trickle below the minimum rate) into a blocking writer thread
+//! that hashes and appends to the temporary file; then verify and publish.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use super::{Opener, Policy, Publish, State, MAX_RESTARTS, MAX_RESUMES};
+use crate::cache::index::Reservation;
+use crate::cache::provenance::Pending;
+use crate::error::Error;
+use crate::registry::digest::Digester;
+use crate::registry::Digest;
+use crate::transfer::{Body, Fault};
+
+enum Msg {
+    Size(u64),
+    Data(Bytes),
+    /// The verification hold is over: readers may take what is written.
+    Release,
+    Finish,
+}
+
+/// Fetch, verify, publish. Returns the size.
+pub(super) async fn run(
+    digest: &Digest,
+    file: Arc<File>,
+    tmp: &std::path::Path,
+    state: &watch::Sender<State>,
+    mut opener: Opener,
+    publish: &Publish,
+    pending: Option<&Pending>,
+) -> Result<u64, Error> {
+    // Space for the download stays reserved until it is published.
+    let mut reservation = None;
+    // Set by the writer once readers may see bytes; from then on a failed
+    // attempt can no longer be retried unseen.
+    let released = Arc::new(AtomicBool::new(publish.policy.verify_hold.is_zero()));
+    let mut restarts = 0;
+    let size = loop {
+        // Bounded so a slow disk or hasher applies back-pressure to the
+        // download instead of buffering it in memory.
+        let (tx, rx) = mpsc::channel::<Msg>(16);
+        let writer = {
+            let (file, state, expected) = (file.clone(), state.clone(), digest.clone());
+            let released = released.clone();
+            tokio::task::spawn_blocking(move || write_loop(rx, &file, &state, &expected, &released))
+        };
+        let mut sources = Vec::new();
+        let pumped = pump(&mut opener, &tx, publish, &mut reservation, &mut sources).await;
+        let _ = match &pumped {
+            Ok(()) => tx.send(Msg::Finish).await,
+            Err(_) => Ok(()),
+        };
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Error::Internal(format!("writer task: {e}")))?;
+        // A local write failure (disk full) is the real cause even if the pump
+        // then saw the writer go away.
+        match (pumped, written) {
+            (_, Err(e @ Error::Io(_))) => return Err(e),
+            (Err(e), _) => return Err(e),
+            (Ok(()), Err(e @ Error::DigestMismatch { .. })) => {
+                let mut another = false;
+                for s in &sources {
+                    another |= s.blame(Fault::Mismatch);
+                }
+                restarts += 1;
+                if released.load(Ordering::Acquire) || !another || restarts > MAX_RESTARTS {
+                    return Err(e);
+                }
+                // Nobody has seen a byte: start over, the next endpoint first.
+                tracing::warn!(%digest, error = %e, "upstream blob failed verification before any byte was served; fetching it again");
+                file.set_len(0)?;
+                continue;
+            }
+            (Ok(()), Err(e)) => return Err(e),
+            (Ok(()), Ok(size)) => break size,
+        }
+    };
+    if let Some(p) = pending {
+        // The record is durable before the blob is visible.
+        let (prov, p) = (publish.provenance.clone(), p.clone());
+        tokio::task::spawn_blocking(move || prov.commit(&p))
+            .await
+            .map_err(|e| Error::Internal(format!("provenance task: {e}")))??;
+    }
+    let (store, tmp_owned, d) = (publish.store.clone(), PathBuf::from(tmp), digest.clone());
+    let ino = tokio::task::spawn_blocking(move || store.publish(&tmp_owned, &d))
+        .await
+        .map_err(|e| Error::Internal(format!("publish task: {e}")))??;
+    // Swap the reservation for the published entry (the file is already in
+    // blobs/, so the disk never held more than was accounted).
+    drop(reservation);
+    publish.index.insert(digest.clone(), size, ino);
+    if !publish.origin.private && publish.provenance.learns(digest, &publish.origin) {
+        // A public registry served it: it is not private content. A record
+        // left behind by an error only costs a HEAD later.
+        let (prov, d, origin) = (
+            publish.provenance.clone(),
+            digest.clone(),
+            publish.origin.clone(),
+        );
+        let done = tokio::task::spawn_blocking(move || prov.served_by(&d, &origin)).await;
+        if let Ok(Err(error)) = done {
+            tracing::warn!(%digest, %error, "could not drop a provenance record");
+        }
+    }
+    Ok(size)
+}
+
+/// Counts a body's bytes per window against the minimum rate.
+struct Rate {
+    policy: Policy,
+    since: tokio::time::Instant,
+    bytes: u64,
+}
+
+impl Rate {
+    fn new(policy: Policy) -> Rate {
+        Rate {
+            policy,
+            since: tokio::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// When the current window closes (never without a minimum).
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        (self.policy.min_rate > 0).then(|| self.since + self.policy.rate_window)
+    }
+
+    /// Close the window if it is over: an error if it fell short.
+    fn check(&mut self) -> Result<(), Error> {
+        let Some(deadline) = self.deadline() else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if now < deadline {
+            return Ok(());
+        }
+        let window = now - self.since;
+        let need = (self.policy.min_rate as f64 * window.as_secs_f64()) as u64;
+        if self.bytes < need {
+            return Err(Error::UpstreamFailed(format!(
+                "upstream body too slow: {} bytes in {:.1} s, below the minimum of {} bytes/s",
+                self.bytes,
+                window.as_secs_f64(),
+                self.policy.min_rate
+            )));
+        }
+        self.since = now;
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// Move upstream bytes into the writer, resuming broken and trickling
+/// bodies; every body used is kept in `sources` (to blame on a mismatch).
+async fn pump(
+    opener: &mut Opener,
+    tx: &mpsc::Sender<Msg>,
+    publish: &Publish,
+    reservation: &mut Option<Reservation>,
+    sources: &mut Vec<Body>,
+) -> Result<(), Error> {
+    let policy = publish.policy;
+    let body = opener(0).await?;
+    let size = body.size;
+    if reservation.is_none() {
+        *reservation = size.map(|s| publish.index.reserve(s));
+    }
+    if let Some(s) = size {
+        tx.send(Msg::Size(s)).await.map_err(|_| writer_gone())?;
+    }
+    sources.push(body);
+    let mut hold =
+        (!policy.verify_hold.is_zero()).then(|| tokio::time::Instant::now() + policy.verify_hold);
+    let mut rate = Rate::new(policy);
+    let mut received = 0u64;
+    let mut resumes = 0u32;
+    loop {
+        let body = sources.last_mut().expect("a body");
+        let wake = match (hold, rate.deadline()) {
+            (Some(h), Some(r)) => Some(h.min(r)),
+            (h, r) => h.or(r),
+        };
+        let next = match wake {
+            Some(at) => tokio::time::timeout_at(at, body.stream.next()).await.ok(),
+            None => Some(body.stream.next().await),
+        };
+        if hold.is_some_and(|h| tokio::time::Instant::now() >= h) {
+            hold = None;
+            tx.send(Msg::Release).await.map_err(|_| writer_gone())?;
+        }
+        let broken = match next {
+            // A timer fired: only the rate window may be over.
+            None => None,
+            Some(Some(Ok(chunk))) => {
+                received += chunk.len() as u64;
+                rate.bytes += chunk.len() as u64;
+                if size.is_some_and(|s| received > s) {
+                    return Err(Error::UpstreamFailed(
+                        "upstream sent more bytes than its Content-Length".into(),
+                    ));
+                }
+                tx.send(Msg::Data(chunk)).await.map_err(|_| writer_gone())?;
+                None
+            }
+            Some(Some(Err(e))) => Some(e),
+            Some(None) if size.is_none_or(|s| received == s) => return Ok(()),
+            Some(None) => Some(Error::UpstreamFailed(format!(
+                "upstream body ended at {received} of {} bytes",
+                size.unwrap_or(0)
+            ))),
+        };
+        let broken = match broken {
+            Some(e) => e,
+            None => match rate.check() {
+                Ok(()) => continue,
+                Err(e) => {
+                    let _ = body.blame(Fault::TooSlow);
+                    e
+                }
+            },
+        };
+        resumes += 1;
+        if resumes > MAX_RESUMES {
+            return Err(broken);
+        }
+        tracing::debug!(error = %broken, received, resumes, "upstream body broke; resuming with Range");
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(resumes))).await;
+        let body = opener(received).await?;
+        if body.size.is_some() && size.is_some() && body.size != size {
+            return Err(Error::UpstreamFailed(
+                "blob size changed while resuming".into(),
+            ));
+        }
+        sources.push(body);
+        rate = Rate::new(policy);
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::Internal("cache writer stopped".into())
+}
+
+/// Blocking side: hash, write, announce progress; verify at the end.
+/// Until `released`, readers are told nothing is written yet.
+fn write_loop(
+    mut rx: mpsc::Receiver<Msg>,
+    file: &File,
+    state: &watch::Sender<State>,
+    expected: &Digest,
+    released: &AtomicBool,
+) -> Result<u64, Error> {
+    let mut hasher = Digester::default();
+    let mut size = None;
+    let mut written = 0u64;
+    let visible = |written: u64| {
+        if released.load(Ordering::Acquire) {
+            written
+        } else {
+            0
+        }
+    };
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Size(s) => {
+                size = Some(s);
+                state.send_replace(State::Streaming {
+                    size: s,
+                    written: visible(written),
+                });
+            }
+            Msg::Data(chunk) => {
+                hasher.update(&chunk);
+                // Positional: the file is shared with readers and sendfile,
+                // and the append-only rule must not depend on its offset.
+                file.write_all_at(&chunk, written)?;
+                written += chunk.len() as u64;
+                if let (Some(s), true) = (size, released.load(Ordering::Acquire)) {
+                    state.send_replace(State::Streaming { size: s, written });
+                }
+            }
+            Msg::Release => {
+                released.store(true, Ordering::Release);
+                if let Some(s) = size {
+                    state.send_replace(State::Streaming { size: s, written });
+                }
+            }
+            Msg::Finish => {
+                file.sync_data()?;
+                let actual = hasher.finish();
+                if &actual != expected {
+                    return Err(Error::DigestMismatch {
+                        expected: expected.to_string(),
+                        actual: actual.to_string(),
+                    });
+                }
+                if size.is_none() {
+                    // Unknown length: readers saw nothing yet; they get it all at Done.
+                    state.send_replace(State::Streaming {
+                        size: written,
+                        written,
+                    });
+                }
+                return Ok(written);
+            }
+        }
+    }
+    Err(Error::UpstreamFailed("download aborted".into()))
+}

@@ -1,0 +1,426 @@
+//! Single-flight downloads with streaming followers.
+//!
+//! The first request for a missing blob starts one detached fetch task
+//! (the *flight*); it does not belong to any client, so it finishes for the
+//! others when the client that started it goes away. The task streams the
+//! upstream body into a temporary file, hashing as it goes, on a blocking
+//! writer thread fed through a bounded channel (network and disk overlap).
+//! After every write it publishes the new length on a `watch` channel.
+//!
+//! Every client, the first one included, is a *reader* of the growing file:
+//! it takes whatever has been written, as a slice of a mapping of the file
+//! (no copy; on plain TCP it leaves by `sendfile`), then waits for more. A reader's
+//! Range is served as soon as its offset is present. The last byte of the
+//! blob is held back until the digest has been verified, so no client can
+//! receive a complete but corrupt blob: on a mismatch or a final upstream
+//! failure every reader's body ends in an error (hyper then aborts the
+//! connection) and nothing is published.
+//!
+//! For the first moments of a download (`verify_hold`, 1 s by default) no
+//! byte is handed out at all: a blob that completes within it is verified
+//! before its first byte leaves, and one whose bytes fail verification is
+//! fetched again from the registry's next endpoint (hub -> origin) without
+//! any reader noticing. This matters because containerd keeps whatever bytes
+//! it received in its ingest and resumes from them with `Range` (its
+//! `remotes/handlers.go` `fetch` even commits a complete ingest without
+//! asking again): a corrupt prefix handed to containerd cannot be repaired by
+//! any later answer until containerd's garbage collector drops that ingest.
+//! Past the hold, bytes stream as they arrive (a large blob on a slow link
+//! must make progress), and a mismatch aborts the readers; the endpoint that
+//! served the bytes is then asked last for that blob.
+//!
+//! If the upstream body breaks, the fetch resumes with `Range: bytes=N-`
+//! (bounded attempts) and readers do not notice. A body that trickles below
+//! the minimum rate (`min_rate` over a `rate_window`) counts as broken: the
+//! endpoint is asked last for that blob and the fetch resumes on the next
+//! one, or fails once the attempts are used up, instead of holding its
+//! readers forever.
+//!
+//! The table entry of a flight leaves the table however its task ends
+//! (success, failure, panic, runtime shutdown): a drop guard removes it and
+//! fails its readers, so one bad download never poisons a digest.
+//!
+//! A flight through a private registry is marked in the provenance records
+//! before it can be joined, and its record is on disk before the blob is
+//! published (see [`super::provenance`]).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::Stream;
+use tokio::sync::watch;
+
+mod download;
+
+use super::index::Index;
+use super::provenance::{Origin, Provenance};
+use super::store::Store;
+use crate::error::Error;
+use crate::registry::Digest;
+use crate::transfer::Body;
+use download::run;
+
+/// How many times a broken upstream body is resumed before the flight fails.
+pub const MAX_RESUMES: u32 = 3;
+
+/// How many times a download held back for verification starts over from
+/// another endpoint after its bytes failed verification.
+const MAX_RESTARTS: u32 = 3;
+
+/// How a download treats unverified and slow bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Hand out nothing for this long after the upstream answered, so a
+    /// blob that arrives within it is verified before any byte leaves.
+    pub verify_hold: Duration,
+    /// Bytes per second a body must average over each `rate_window`
+    /// (0: no minimum).
+    pub min_rate: u64,
+    /// The window `min_rate` is measured over.
+    pub rate_window: Duration,
+}
+
+/// Default [`Policy::verify_hold`].
+pub const DEFAULT_VERIFY_HOLD: Duration = Duration::from_secs(1);
+/// Default [`Policy::min_rate`] (bytes per second).
+pub const DEFAULT_MIN_RATE: u64 = 16 * 1024;
+
+impl Default for Policy {
+    /// The defaults `berth serve` uses (its rate window is the read timeout).
+    fn default() -> Policy {
+        Policy {
+            verify_hold: DEFAULT_VERIFY_HOLD,
+            min_rate: DEFAULT_MIN_RATE,
+            rate_window: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Largest slice a reader hands out at once: one bounded body frame.
+const READ_CHUNK: u64 = crate::server::response::FRAME as u64;
+
+/// Where a flight stands; readers watch it.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Size known; `written` bytes are in the file.
+    Streaming {
+        /// Total size.
+        size: u64,
+        /// Bytes written so far.
+        written: u64,
+    },
+    /// Verified and published.
+    Done {
+        /// Total size.
+        size: u64,
+    },
+    /// Failed; nothing was published.
+    Failed(Error),
+}
+
+/// Opens the upstream body at a byte offset (0, or where to resume).
+pub type Opener = Box<dyn FnMut(u64) -> BoxFuture<'static, Result<Body, Error>> + Send>;
+
+/// One in-progress download.
+pub struct Flight {
+    /// What is being fetched.
+    pub digest: Digest,
+    file: Arc<File>,
+    state: watch::Receiver<State>,
+}
+
+impl Flight {
+    /// Wait until the size is known (or the flight failed).
+    pub async fn size(&self) -> Result<u64, Error> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                State::Connecting => {}
+                State::Streaming { size, .. } | State::Done { size } => return Ok(*size),
+                State::Failed(e) => return Err(e.clone()),
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Internal("download task vanished".into()));
+            }
+        }
+    }
+
+    /// Wait for the final outcome: the size once published, or the error.
+    pub async fn finished(&self) -> Result<u64, Error> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                State::Done { size } => return Ok(*size),
+                State::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Internal("download task vanished".into()));
+            }
+        }
+    }
+
+    /// The bytes `[start, end)` as they arrive. The stream ends with an error
+    /// if the flight fails.
+    pub fn read(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let reader = Reader {
+            file: self.file.clone(),
+            state: self.state.clone(),
+            pos: start,
+            end,
+            mapped: None,
+        };
+        futures_util::stream::unfold(reader, |mut r| async move {
+            match r.next_chunk().await {
+                Ok(Some(b)) => Some((Ok(b), r)),
+                Ok(None) => None,
+                Err(e) => {
+                    // End the stream after the error.
+                    r.state = watch::channel(State::Done { size: 0 }).1;
+                    Some((Err(e), r))
+                }
+            }
+        })
+    }
+}
+
+struct Reader {
+    file: Arc<File>,
+    state: watch::Receiver<State>,
+    pos: u64,
+    end: u64,
+    /// The file mapped at its final size; only written bytes are sliced.
+    mapped: Option<super::mmap::Growing>,
+}
+
+impl Reader {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, std::io::Error> {
+        loop {
+            let state = self.state.borrow_and_update().clone();
+            let limit = match state {
+                State::Failed(e) => {
+                    return Err(std::io::Error::other(format!("upstream fetch failed: {e}")))
+                }
+                State::Done { size } => {
+                    let limit = size.min(self.end);
+                    if self.pos >= limit {
+                        return Ok(None);
+                    }
+                    limit
+                }
+                // Hold back the blob's last byte until it is verified.
+                State::Streaming { size, written } if self.end >= size => {
+                    written.min(size.saturating_sub(1))
+                }
+                State::Streaming { .. } if self.pos >= self.end => return Ok(None),
+                State::Streaming { written, .. } => written.min(self.end),
+                State::Connecting => 0,
+            };
+            if limit > self.pos {
+                // Every byte below `limit` is final: a slice of a mapping of
+                // the file, no copy (see the growing-file rule in cache::mmap).
+                if self.mapped.is_none() {
+                    self.mapped = Some(match state {
+                        State::Done { size } | State::Streaming { size, .. } => {
+                            super::mmap::map_growing(self.file.clone(), size)?
+                        }
+                        _ => unreachable!("nothing to read before the size is known"),
+                    });
+                }
+                let mapped = self.mapped.as_ref().expect("just mapped");
+                let limit = limit.min(self.pos + READ_CHUNK);
+                let chunk = mapped.bytes(self.pos, limit)?;
+                self.pos = limit;
+                return Ok(Some(chunk));
+            }
+            if self.state.changed().await.is_err()
+                && !matches!(&*self.state.borrow(), State::Done { .. } | State::Failed(_))
+            {
+                return Err(std::io::Error::other("download task vanished"));
+            }
+        }
+    }
+}
+
+/// The table of flights in progress. The mutex guards only map operations,
+/// never I/O.
+#[derive(Default)]
+pub struct Flights {
+    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+/// Everything a fetch task needs to publish its result.
+pub struct Publish {
+    /// The store to write into.
+    pub store: Arc<Store>,
+    /// The index to record the result in (and reserve space from).
+    pub index: Arc<Index>,
+    /// Provenance records of private content.
+    pub provenance: Arc<Provenance>,
+    /// The registry the download goes through.
+    pub origin: Origin,
+    /// Verification hold and minimum rate.
+    pub policy: Policy,
+}
+
+/// Whether the caller started the flight or joined one.
+pub enum Joined {
+    /// This call started it.
+    Leader(Arc<Flight>),
+    /// It was already running.
+    Follower(Arc<Flight>),
+    /// It finished and was published just before: read the cache.
+    Published,
+}
+
+impl Flights {
+    /// Join the flight for `digest`, starting it with `opener` if there is none.
+    pub fn join(
+        self: &Arc<Self>,
+        digest: &Digest,
+        publish: Publish,
+        opener: impl FnOnce() -> Opener,
+    ) -> Result<Joined, Error> {
+        if let Some(f) = self.get(digest) {
+            return Ok(Joined::Follower(f));
+        }
+        // Create the temporary file before taking the lock: no I/O under it.
+        let (file, tmp) = publish.store.create_tmp().inspect_err(|e| {
+            publish.store.note_write_error(e);
+        })?;
+        let mut map = self.map.lock().expect("flights lock");
+        if let Some(f) = map.get(digest) {
+            let f = f.clone();
+            drop(map);
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(Joined::Follower(f));
+        }
+        if publish.index.contains(digest) {
+            // Published between the caller's cache lookup and now.
+            drop(map);
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(Joined::Published);
+        }
+        // Before anyone can join: followers through other registries are
+        // checked against this mark (memory only, no I/O under the lock).
+        let pending = publish.provenance.begin(digest, &publish.origin);
+        let file = Arc::new(file);
+        let (tx, rx) = watch::channel(State::Connecting);
+        let flight = Arc::new(Flight {
+            digest: digest.clone(),
+            file: file.clone(),
+            state: rx,
+        });
+        map.insert(digest.clone(), flight.clone());
+        drop(map);
+        let opener = opener();
+        let guard = Leave {
+            flights: self.clone(),
+            flight: flight.clone(),
+            tx,
+            tmp,
+            finished: false,
+        };
+        tokio::spawn(async move {
+            let mut guard = guard;
+            let (digest, file) = (guard.flight.digest.clone(), guard.flight.file.clone());
+            let result = run(
+                &digest,
+                file,
+                &guard.tmp,
+                &guard.tx,
+                opener,
+                &publish,
+                pending.as_ref(),
+            )
+            .await;
+            // Leave the table first: a request arriving after this sees the
+            // index (on success) or starts a fresh flight (on failure).
+            guard.leave();
+            match result {
+                Ok(size) => {
+                    let _ = guard.tx.send(State::Done { size });
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&guard.tmp);
+                    if let Some(p) = pending {
+                        publish.provenance.abandon(p);
+                    }
+                    if let Error::Io(io) = &e {
+                        publish.store.note_write_error(io);
+                    }
+                    if let Error::DigestMismatch { .. } = e {
+                        tracing::warn!(%digest, error = %e, detail = ?e.detail(), "upstream blob failed verification; not cached");
+                    } else {
+                        tracing::debug!(%digest, error = %e, detail = ?e.detail(), "blob fetch failed");
+                    }
+                    let _ = guard.tx.send(State::Failed(e));
+                }
+            }
+            guard.finished = true;
+        });
+        Ok(Joined::Leader(flight))
+    }
+
+    /// The flight for `digest`, if one is running.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
+        self.map.lock().expect("flights lock").get(digest).cloned()
+    }
+
+    /// Downloads in progress.
+    pub fn in_flight(&self) -> usize {
+        self.map.lock().expect("flights lock").len()
+    }
+}
+
+/// Owns a flight's table entry and state sender for its task. However the
+/// task ends (a panic, the runtime shutting down) the entry leaves the table
+/// and readers get an error, so the digest is never stuck.
+struct Leave {
+    flights: Arc<Flights>,
+    flight: Arc<Flight>,
+    tx: watch::Sender<State>,
+    tmp: PathBuf,
+    finished: bool,
+}
+
+impl Leave {
+    /// Remove this flight (and no later one) from the table.
+    fn leave(&self) {
+        let mut map = self.flights.map.lock().expect("flights lock");
+        if map
+            .get(&self.flight.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            map.remove(&self.flight.digest);
+        }
+    }
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.leave();
+        let _ = std::fs::remove_file(&self.tmp);
+        tracing::error!(digest = %self.flight.digest, "download task ended without an outcome");
+        let _ = self.tx.send(State::Failed(Error::Internal(
+            "download task ended without an outcome".into(),
+        )));
+    }
+}
+
+#[cfg(test)]
+mod tests;
