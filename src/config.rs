@@ -792,7 +792,7 @@ fn tempfile_probe(dir: &Path) -> bool {
     ok
 }
 
-/// `20GiB`, `500MB`, `1048576`, or `50%`.
+/// `20GiB`, `500MB`, `1048576` (as `bytesize` reads them), or `50%`.
 pub fn parse_capacity(s: &str) -> Result<Capacity, String> {
     let s = s.trim();
     if let Some(pct) = s.strip_suffix('%') {
@@ -805,30 +805,18 @@ pub fn parse_capacity(s: &str) -> Result<Capacity, String> {
         }
         return Ok(Capacity::Share(v / 100.0));
     }
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| "expected a number with an optional unit".to_string())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "ki" | "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mi" | "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gi" | "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "ti" | "tib" => 1 << 40,
-        other => return Err(format!("unknown unit {other:?}")),
-    };
-    let bytes = (num * mult as f64) as u64;
-    if bytes == 0 {
+    // bytesize wants a unit after a fraction or a number past u64: bytes.
+    let bare = s.ends_with(|c: char| c.is_ascii_digit() || c == '.');
+    let bytes: bytesize::ByteSize = if bare {
+        format!("{s}B").parse()
+    } else {
+        s.parse()
+    }
+    .map_err(|_| "expected a number with an optional unit (20GiB, 500MB, 1048576)")?;
+    if bytes.0 == 0 {
         return Err("capacity must be positive".into());
     }
-    Ok(Capacity::Bytes(bytes))
+    Ok(Capacity::Bytes(bytes.0))
 }
 
 #[cfg(test)]

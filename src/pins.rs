@@ -1,4 +1,4 @@
-//! Image rules with Harbor-style globs (`*` within a path segment, `**`
+//! Image rules with Harbor-style globs (`*` within a segment, a `**` segment
 //! across segments), used for pins (never evicted) and prefetch. A rule is
 //! `[registry/]repository[:tag]`: `library/*:1.*`, `**/etcd:**`,
 //! `ghcr.io/org/app:v2`. Without a registry it matches every registry; a
@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use regex::Regex;
+use globset::{GlobBuilder, GlobMatcher};
 
 use crate::registry::{docker_repository, split_image_name, split_tag, RegistryHost};
 
@@ -18,12 +18,12 @@ use crate::registry::{docker_repository, split_image_name, split_tag, RegistryHo
 pub struct Rule {
     text: String,
     registry: Option<RegistryHost>,
-    repo: Regex,
+    repo: GlobMatcher,
     /// For a rule without a registry and a one-component repository
     /// (`nginx`, `redis*`): the same pattern under `library/`, which is
     /// what it names on docker.io.
-    docker_library: Option<Regex>,
-    tag: Regex,
+    docker_library: Option<GlobMatcher>,
+    tag: GlobMatcher,
     /// The literal tag when the tag part has no wildcard (prefetch can then
     /// skip listing tags).
     pub literal_tag: Option<String>,
@@ -37,31 +37,17 @@ impl fmt::Debug for Rule {
     }
 }
 
-fn glob(pattern: &str) -> Result<Regex, String> {
-    let mut re = String::from("^");
-    let mut chars = pattern.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '*' if chars.peek() == Some(&'*') => {
-                chars.next();
-                // `**/` also matches no segment at all.
-                if chars.peek() == Some(&'/') {
-                    chars.next();
-                    re.push_str("(?:.*/)?");
-                } else {
-                    re.push_str(".*");
-                }
-            }
-            '*' => re.push_str("[^/]*"),
-            '?' => re.push_str("[^/]"),
-            c if c.is_ascii_alphanumeric() || "/._-".contains(c) => {
-                re.push_str(&regex::escape(&c.to_string()))
-            }
-            c => return Err(format!("character {c:?} is not allowed in an image rule")),
-        }
+/// A Harbor-style glob (`*` and `?` stop at `/`); only the characters of
+/// repository names and tags, so globset's classes and braces stay out.
+fn glob(pattern: &str) -> Result<GlobMatcher, String> {
+    if let Some(c) = pattern
+        .chars()
+        .find(|&c| !c.is_ascii_alphanumeric() && !"/._-*?".contains(c))
+    {
+        return Err(format!("character {c:?} is not allowed in an image rule"));
     }
-    re.push('$');
-    Regex::new(&re).map_err(|e| e.to_string())
+    let glob = GlobBuilder::new(pattern).literal_separator(true).build();
+    Ok(glob.map_err(|e| e.to_string())?.compile_matcher())
 }
 
 impl Rule {

@@ -1,7 +1,9 @@
 //! `Range` request headers (RFC 9110 14.1), single range only: `bytes=a-b`,
-//! `bytes=a-` (containerd's resume, PROTOCOL.md 4.1), `bytes=-n`.
+//! `bytes=a-` (containerd's resume, PROTOCOL.md 4.1), `bytes=-n`; the
+//! grammar and the clamping to the size are `http-range-header`'s.
 
 use http::HeaderValue;
+use http_range_header::{parse_range_header, RangeInvalid, RangeUnsatisfiableError};
 
 use crate::error::Error;
 
@@ -19,51 +21,28 @@ pub struct ByteRange {
 /// `bytes=` range is a 416 carrying the size.
 pub fn parse_range(header: Option<&HeaderValue>, size: u64) -> Result<Option<ByteRange>, Error> {
     let Some(h) = header else { return Ok(None) };
-    let Ok(s) = h.to_str() else {
+    let Ok(s) = h.to_str().map(str::trim) else {
         return Err(Error::RangeInvalid(size));
     };
-    let Some(spec) = s.trim().strip_prefix("bytes=") else {
-        return Ok(None);
+    let parsed = match parse_range_header(s) {
+        Err(RangeUnsatisfiableError::Invalid(RangeInvalid::DoesNotStartWithToken)) => {
+            return Ok(None)
+        }
+        _ if s.contains(',') => return Ok(None),
+        p => p,
     };
-    if spec.contains(',') {
-        return Ok(None);
+    // The crate reads a position past u64 as u64::MAX (the whole blob); a
+    // number that is not a u64 stays a 416 here.
+    let huge = s
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|d| d.len() > 20 || (!d.is_empty() && d.parse::<u64>().is_err()));
+    match parsed.and_then(|p| p.validate(size)).as_deref() {
+        Ok([r]) if !huge => Ok(Some(ByteRange {
+            start: *r.start(),
+            end: r.end() + 1,
+        })),
+        _ => Err(Error::RangeInvalid(size)),
     }
-    let (a, b) = spec
-        .trim()
-        .split_once('-')
-        .ok_or(Error::RangeInvalid(size))?;
-    let num = |x: &str| -> Result<u64, Error> {
-        if x.is_empty() || x.len() > 20 || !x.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(Error::RangeInvalid(size));
-        }
-        x.parse().map_err(|_| Error::RangeInvalid(size))
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let r = if a.is_empty() {
-        let n = num(b)?;
-        if n == 0 || size == 0 {
-            return Err(Error::RangeInvalid(size));
-        }
-        ByteRange {
-            start: size.saturating_sub(n),
-            end: size,
-        }
-    } else {
-        let start = num(a)?;
-        let last = if b.is_empty() {
-            size.saturating_sub(1)
-        } else {
-            num(b)?.min(size.saturating_sub(1))
-        };
-        if start >= size || (!b.is_empty() && num(b)? < start) {
-            return Err(Error::RangeInvalid(size));
-        }
-        ByteRange {
-            start,
-            end: last + 1,
-        }
-    };
-    Ok(Some(r))
 }
 
 #[cfg(test)]
