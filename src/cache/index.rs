@@ -211,11 +211,6 @@ impl Index {
         *self.pinned_space.lock().expect("pinned space lock") = space;
     }
 
-    /// Bytes of published pinned content.
-    pub fn pinned_bytes(&self) -> u64 {
-        self.pinned.load().values().map(|e| e.size).sum()
-    }
-
     /// Rebuild from a scan of the store (least recent first, so the LRU order
     /// is restored). Pinned digests go straight to the pinned map, so loading
     /// an over-full cache never evicts them.

@@ -14,7 +14,7 @@
 //!   Through any other registry R, the server first asks R's upstream (a
 //!   HEAD with R's own credentials): 2xx adds R to the record, or drops the
 //!   record if R is public (the content is evidently public); anything else
-//!   (404, 401/403, unreachable) serves nothing. See `server::handlers::vouch`.
+//!   (404, 401/403, unreachable) serves nothing. See `mirror::private` (`Mirror::vouch`).
 //! - A blob download through private P marks P *pending* on D in memory
 //!   under the flight table's lock, before the flight can be joined, so
 //!   every follower is checked; readers through P are served meanwhile. The
