@@ -128,7 +128,11 @@ impl ResolvesServerCert for Reloading {
                 .is_ok()
         {
             let shared = shared.clone();
-            crate::cache::in_background(move || shared.check());
+            // Off the handshake path (inline when there is no runtime).
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || shared.check())),
+                Err(_) => shared.check(),
+            }
         }
         Some(shared.current.load().0.clone())
     }
