@@ -77,6 +77,12 @@ use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use super::store::Published;
 
+/// Largest slice of content handed out at once (a body frame of a cache
+/// hit, a read of a download in progress): slices are free, and a bounded
+/// frame lets the send timeout tell a client that stopped reading from one
+/// that is merely slow.
+pub const FRAME: usize = 1 << 20;
+
 /// Map a published cache file; the whole file is final (rule 1).
 pub fn map(published: Published) -> io::Result<Bytes> {
     let (file, len) = published.into_parts();

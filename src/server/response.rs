@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Empty, Full};
 
 use super::checked::{Checked, OnPoison};
 
+use crate::cache::mmap::FRAME;
 use crate::error::Error;
 use crate::registry::error_code::Envelope;
 
@@ -21,12 +22,6 @@ pub fn full(bytes: Bytes) -> Body {
         .map_err(|never| match never {})
         .boxed_unsync()
 }
-
-/// Largest body frame handed to hyper for content (cache hits, downloads in
-/// progress): slices are free, and a bounded frame lets the send timeout
-/// tell a client that stopped reading from one that is merely slow
-/// ([`super::watchdog`]).
-pub const FRAME: usize = 1 << 20;
 
 /// Mapped (or in-memory) content as a body of [`FRAME`]-sized slices: no
 /// copy. If its file turns out truncated the body ends in an error and

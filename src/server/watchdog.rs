@@ -12,7 +12,7 @@
 //! responses ([`Tracked`] bodies) and decides:
 //! - **stalled**: a response has bytes the client does not take: a socket
 //!   write has been blocked for the send timeout, or a body frame (at most
-//!   [`super::response::FRAME`], 1 MiB) handed to hyper has not been taken
+//!   [`crate::cache::mmap::FRAME`], 1 MiB) handed to hyper has not been taken
 //!   for the send timeout (hyper asks for the next frame only once the last
 //!   one is nearly written; over HTTP/2 that needs the client to reopen its
 //!   flow-control window). The connection is closed. A client slower than one

@@ -102,7 +102,7 @@ impl Default for Policy {
 }
 
 /// Largest slice a reader hands out at once: one bounded body frame.
-const READ_CHUNK: u64 = crate::server::response::FRAME as u64;
+const READ_CHUNK: u64 = super::mmap::FRAME as u64;
 
 /// Where a flight stands; readers watch it.
 #[derive(Debug, Clone)]
