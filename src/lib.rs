@@ -13,9 +13,9 @@
 //! - [`registry`]: OCI wire types (names, references, digests, media types,
 //!   the error envelope); pure and validated.
 //! - [`server`]: accept loop, routing ([`server::route`]), handlers, Range,
-//!   responses, access log; `sendfile` for mapped content on plain TCP
-//!   ([`server::zerocopy`]); idle and stalled connections closed
-//!   ([`server::watchdog`]).
+//!   responses, access log; connection I/O with `sendfile` for mapped
+//!   content on plain TCP ([`server::conn`]); idle and stalled connections
+//!   closed ([`server::watchdog`]).
 //! - [`upstream`]: reqwest clients per registry, bearer/basic auth
 //!   ([`upstream::auth`]), redirects and a filtering DNS resolver as the SSRF
 //!   guard ([`upstream::resolve`]).

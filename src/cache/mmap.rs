@@ -40,15 +40,16 @@
 //!   default action, so the fault repeats and kills as before. It only uses
 //!   atomics and `mmap`/`sigaction` (async-signal-safe; no allocation, no
 //!   locks) and preserves `errno`.
-//! - Every body that hands out mapped slices ([`crate::server::checked`]) checks the
-//!   poison flag before each frame and, once every frame it handed out has
+//! - Every body that hands out mapped slices checks the poison flag
+//!   ([`watch`]) before each frame and, once every frame it handed out has
 //!   been written (dropped by hyper), before ending; a poisoned transfer
 //!   ends in an error, so hyper aborts the connection (HTTP/1) or resets
 //!   the stream (HTTP/2) and the client never sees a complete response with
 //!   zeros in it. The entry is quarantined and refetched on the next miss.
 //! - On plain TCP the bytes usually leave by `sendfile(2)` from the file
-//!   ([`crate::server::zerocopy`]), which never touches the mapping: a
-//!   truncated file ends the write early with an error.
+//!   ([`locate`]), which never touches the mapping: a truncated file ends
+//!   the write early with an error, and the writer marks the mapping
+//!   ([`poison`]).
 //!
 //! Why not `pread` into buffers instead? It costs a copy per byte served,
 //! which is what the mapping exists to avoid; and checking the file length
@@ -145,6 +146,14 @@ pub fn watch(slice: &[u8]) -> Option<Poison> {
     Some(Poison(mapped))
 }
 
+/// Mark the mapping behind `slice` (if any) poisoned: its file turned out
+/// shorter than the mapping (a `sendfile` or a copy from it failed).
+pub fn poison(slice: &[u8]) {
+    if let Some((mapped, _)) = find(slice) {
+        SLOTS[mapped.slot].poisoned.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Watches one mapping for the SIGBUS handler's poison mark.
 #[derive(Clone)]
 pub struct Poison(Arc<Mapping>);
@@ -153,12 +162,6 @@ impl Poison {
     /// True once a page of the mapping was replaced by zeros.
     pub fn is_set(&self) -> bool {
         SLOTS[self.0.slot].poisoned.load(Ordering::SeqCst)
-    }
-
-    /// Mark the mapping poisoned: its file turned out shorter than the
-    /// mapping (a `sendfile` from it came up short).
-    pub fn set(&self) {
-        SLOTS[self.0.slot].poisoned.store(true, Ordering::SeqCst);
     }
 
     /// Whether `slice` lies in this mapping.

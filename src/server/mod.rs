@@ -4,13 +4,12 @@
 //! routes to handlers, and the access log and request metrics in one place.
 
 pub mod checked;
-pub mod deadline;
+pub mod conn;
 pub mod handlers;
 pub mod range;
 pub mod response;
 pub mod route;
 pub mod watchdog;
-pub mod zerocopy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,11 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Source};
 use crate::mirror::CacheResult;
 use crate::state::AppState;
-use deadline::FirstBytes;
+use conn::Conn;
 use response::{Body, ErrorNote};
 use route::{Registries, Route};
-use watchdog::{Activity, Tracked, Verdict, Watched};
-use zerocopy::Zerocopy;
+use watchdog::{Activity, Tracked, Verdict};
 
 /// Most connections served at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -129,16 +127,15 @@ pub async fn run(
             let result = match tls {
                 // Plain TCP: mapped cache content goes out with sendfile(2).
                 None => {
-                    let io = Watched::new(Zerocopy::new(stream), activity.clone());
-                    let io = TokioIo::new(FirstBytes::new(io, header_timeout));
+                    let io = TokioIo::new(Conn::new(stream, activity.clone(), header_timeout));
                     let conn = builder.serve_connection(io, svc);
                     drive(conn, &st, &activity, &stopping).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            let io = Watched::new(tls_stream, activity.clone());
-                            let io = TokioIo::new(FirstBytes::new(io, header_timeout));
+                            let io = Conn::new(tls_stream, activity.clone(), header_timeout);
+                            let io = TokioIo::new(io);
                             let conn = builder.serve_connection(io, svc);
                             drive(conn, &st, &activity, &stopping).await
                         }

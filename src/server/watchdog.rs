@@ -8,8 +8,8 @@
 //! reopened). Each would hold one of the [`super::MAX_CONNECTIONS`] slots,
 //! a file descriptor and possibly a mapping forever.
 //!
-//! [`Activity`] is shared by a connection's I/O ([`Watched`]) and its
-//! responses ([`Tracked`] bodies) and decides:
+//! [`Activity`] is shared by a connection's I/O ([`super::conn::Conn`])
+//! and its responses ([`Tracked`] bodies) and decides:
 //! - **stalled**: a response has bytes the client does not take: a socket
 //!   write has been blocked for the send timeout, or a body frame (at most
 //!   [`crate::cache::mmap::FRAME`], 1 MiB) handed to hyper has not been taken
@@ -25,7 +25,6 @@
 //!   does. Control traffic (HTTP/2 PINGs, SETTINGS, trickled headers) does
 //!   not count as activity, so it cannot keep a connection open.
 
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -34,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::response::Body;
 
@@ -98,11 +96,13 @@ impl Activity {
         self.last_request.store(now_ms(), Ordering::Relaxed);
     }
 
-    fn wrote(&self) {
+    /// A write moved bytes.
+    pub(super) fn wrote(&self) {
         self.blocked_since.store(0, Ordering::Relaxed);
     }
 
-    fn blocked(&self) {
+    /// A write found the socket full.
+    pub(super) fn blocked(&self) {
         // Keep the first time: only a successful write clears it. (`max(1)`:
         // 0 means "not blocked".)
         let _ = self.blocked_since.compare_exchange(
@@ -231,72 +231,6 @@ impl http_body::Body for Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.settle();
-    }
-}
-
-/// A connection's I/O, reporting progress to its [`Activity`].
-pub struct Watched<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T> Watched<T> {
-    /// Wrap `inner`.
-    pub fn new(inner: T, activity: Arc<Activity>) -> Watched<T> {
-        Watched { inner, activity }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> Watched<T> {
-    fn note(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        match polled {
-            Poll::Ready(Ok(n)) if n > 0 => self.activity.wrote(),
-            Poll::Pending => self.activity.blocked(),
-            _ => {}
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.note(polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.note(polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
