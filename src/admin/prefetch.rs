@@ -40,7 +40,8 @@ use super::{setup, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED
 use crate::cache::{Manifest, TagRecord};
 use crate::config::{parse_capacity, Capacity, Config, PrefetchArgs};
 use crate::error::Error;
-use crate::mirror::{BlobReply, CacheResult, Mirror, Tap};
+use crate::mirror::blobs::{BlobReply, Tap};
+use crate::mirror::{CacheResult, Mirror};
 use crate::pins::{Rule, Rules};
 use crate::registry::manifest::{children, platform_matches, Child};
 use crate::registry::{Digest, Reference, RegistryHost, Repository, Tag};

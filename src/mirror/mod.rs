@@ -9,17 +9,14 @@
 //!
 //! Layers point one way: server -> mirror -> {upstream, cache} -> registry.
 
-mod blobs;
-mod manifests;
+pub mod blobs;
+pub mod manifests;
 mod private;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-
-pub use blobs::{BlobReply, Relayed, Tap};
-pub use manifests::ManifestReply;
 
 use crate::cache::provenance::Origin;
 use crate::cache::{Cache, Manifest, TagRecord};

@@ -18,7 +18,9 @@ use super::route::Target;
 use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
 use crate::metrics::GaugeGuard;
-use crate::mirror::{BlobReply, CacheResult, ManifestReply, Tap};
+use crate::mirror::blobs::{BlobReply, Tap};
+use crate::mirror::manifests::ManifestReply;
+use crate::mirror::CacheResult;
 use crate::registry::{Digest, Reference};
 use crate::state::AppState;
 

@@ -11,16 +11,91 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::stream::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use super::{Opener, Policy, Publish, State, MAX_RESTARTS, MAX_RESUMES};
-use crate::cache::index::Reservation;
-use crate::cache::provenance::Pending;
+use crate::cache::index::{Index, Reservation};
+use crate::cache::provenance::{Origin, Pending, Provenance};
+use crate::cache::store::Store;
 use crate::error::Error;
 use crate::registry::digest::Digester;
 use crate::registry::Digest;
 use crate::transfer::{Body, Fault};
+
+/// How many times a broken upstream body is resumed before the flight fails.
+pub const MAX_RESUMES: u32 = 3;
+
+/// How many times a download held back for verification starts over from
+/// another endpoint after its bytes failed verification.
+const MAX_RESTARTS: u32 = 3;
+
+/// How a download treats unverified and slow bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Hand out nothing for this long after the upstream answered, so a
+    /// blob that arrives within it is verified before any byte leaves.
+    pub verify_hold: Duration,
+    /// Bytes per second a body must average over each `rate_window`
+    /// (0: no minimum).
+    pub min_rate: u64,
+    /// The window `min_rate` is measured over.
+    pub rate_window: Duration,
+}
+
+/// Default [`Policy::verify_hold`].
+pub const DEFAULT_VERIFY_HOLD: Duration = Duration::from_secs(1);
+/// Default [`Policy::min_rate`] (bytes per second).
+pub const DEFAULT_MIN_RATE: u64 = 16 * 1024;
+
+impl Default for Policy {
+    /// The defaults `berth serve` uses (its rate window is the read timeout).
+    fn default() -> Policy {
+        Policy {
+            verify_hold: DEFAULT_VERIFY_HOLD,
+            min_rate: DEFAULT_MIN_RATE,
+            rate_window: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a flight stands; readers watch it.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Size known; `written` bytes are in the file.
+    Streaming {
+        /// Total size.
+        size: u64,
+        /// Bytes written so far.
+        written: u64,
+    },
+    /// Verified and published.
+    Done {
+        /// Total size.
+        size: u64,
+    },
+    /// Failed; nothing was published.
+    Failed(Error),
+}
+
+/// Opens the upstream body at a byte offset (0, or where to resume).
+pub type Opener = Box<dyn FnMut(u64) -> BoxFuture<'static, Result<Body, Error>> + Send>;
+
+/// Everything a fetch task needs to publish its result.
+pub struct Publish {
+    /// The store to write into.
+    pub store: Arc<Store>,
+    /// The index to record the result in (and reserve space from).
+    pub index: Arc<Index>,
+    /// Provenance records of private content.
+    pub provenance: Arc<Provenance>,
+    /// The registry the download goes through.
+    pub origin: Origin,
+    /// Verification hold and minimum rate.
+    pub policy: Policy,
+}
 
 enum Msg {
     Size(u64),

@@ -1,10 +1,12 @@
 //! Flight tests: coalescing, resume, verification hold, slow bodies.
 
 use super::*;
+use crate::cache::provenance::Origin;
 use crate::cache::Cache;
-use crate::transfer::{Blame, Fault};
+use crate::transfer::{Blame, Body, Fault};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 fn cache(policy: Policy) -> (tempfile::TempDir, Cache) {
     let dir = tempfile::tempdir().unwrap();
