@@ -3,7 +3,8 @@
 
 use clap::Parser;
 
-use berth::config::{Cli, Command, Config};
+use berth::cli::{Cli, Command};
+use berth::config::Config;
 
 /// sysexits.h EX_USAGE: a bad command line or config.
 const EX_USAGE: i32 = 64;
@@ -82,7 +83,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// `berth check`: exit 0 when every endpoint works, 1 otherwise, 64 on a bad config.
-fn check(args: &berth::config::CheckArgs) -> i32 {
+fn check(args: &berth::cli::CheckArgs) -> i32 {
     let config = match Config::from_args(&args.serve) {
         Ok(c) => c,
         Err(e) => {

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{fail, lock, setup, AdminError, EXIT_OK};
 use crate::cache::{closure, Cache, TagRecord};
-use crate::config::GcArgs;
+use crate::cli::GcArgs;
 use crate::registry::Digest;
 
 /// One removed (or, with `--dry-run`, removable) file.

@@ -13,7 +13,7 @@ use super::image::{self, Completeness};
 use super::{fail, setup, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
-use crate::config::LsArgs;
+use crate::cli::LsArgs;
 use crate::pins::Rules;
 
 /// One listed image.

@@ -29,7 +29,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::cache::store::{self, LockError};
-use crate::config::{Capacity, Config, ConfigError, LogFormat, ServeArgs};
+use crate::cli::ServeArgs;
+use crate::config::{Capacity, Config, ConfigError};
+use crate::telemetry::LogFormat;
 
 /// Success.
 pub const EXIT_OK: i32 = 0;

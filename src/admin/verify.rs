@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use super::progress::Progress;
 use super::{fail, lock, setup, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_OK};
-use crate::config::VerifyArgs;
+use crate::cli::VerifyArgs;
 use crate::registry::digest::Digester;
 use crate::registry::Digest;
 

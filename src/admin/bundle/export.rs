@@ -16,7 +16,7 @@ use crate::admin::image::{self, ImageRef, Tree};
 use crate::admin::{fail, setup, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
-use crate::config::{ExportArgs, RefNames};
+use crate::cli::{ExportArgs, RefNames};
 use crate::registry::digest::Digester;
 use crate::registry::manifest::platform_matches;
 use crate::registry::Digest;

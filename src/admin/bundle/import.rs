@@ -26,7 +26,7 @@ use crate::admin::image::ImageRef;
 use crate::admin::{fail, lock, setup, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
-use crate::config::ImportArgs;
+use crate::cli::ImportArgs;
 use crate::registry::digest::Digester;
 use crate::registry::manifest::children;
 use crate::registry::media_type::{self, MAX_MANIFEST_SIZE};
