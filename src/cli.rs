@@ -26,35 +26,43 @@ pub enum Command {
     /// Run the mirror.
     Serve(ServeArgs),
     /// Test every configured upstream endpoint: reachability, TLS, auth, rate-limit headroom.
-    Check(CheckArgs),
+    Check(WithConfig<CheckArgs>),
     /// Point containerd at berth: write or remove `<certs.d>/<registry>/hosts.toml`.
     #[command(subcommand)]
     Containerd(ContainerdCommand),
     /// Print k3s/RKE2 `registries.yaml` mirror entries, or merge them into a file.
     K3s(K3sArgs),
     /// List cached images: tag, digest, platforms, size, last use, pinned, complete.
-    Ls(LsArgs),
+    Ls(WithConfig<LsArgs>),
     /// Re-hash every cached blob; move mismatches to `<cache>/quarantine/`.
-    Verify(VerifyArgs),
+    Verify(ServeArgs),
     /// Remove unpinned content unused for longer than the retention period, now.
-    Gc(GcArgs),
+    Gc(WithConfig<GcArgs>),
     /// Write cached images to an OCI image layout archive (skopeo `oci-archive:`).
-    Export(ExportArgs),
+    Export(WithConfig<ExportArgs>),
     /// Seed the cache from an OCI image layout archive, verifying every digest.
-    Import(ImportArgs),
+    Import(WithConfig<ImportArgs>),
     /// Fetch the images named by the prefetch rules and pins into the cache.
-    Prefetch(PrefetchArgs),
+    Prefetch(WithConfig<PrefetchArgs>),
 }
 
-/// `berth check`: the same settings as `serve`, plus which registries to test.
+/// A command's own flags, then the `serve` flags its config comes from.
+#[derive(Debug, Clone, Args)]
+pub struct WithConfig<T: Args> {
+    /// The command's own flags.
+    #[command(flatten)]
+    pub flags: T,
+    /// Config file, cache directory, upstreams: as for `berth serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags of `berth check` (besides those of `serve`).
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
     /// Only these registries (repeatable); all configured ones by default.
     #[arg(long = "registry")]
     pub registries: Vec<String>,
-    /// Config, upstreams and timeouts as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// `berth containerd ...`
@@ -163,17 +171,6 @@ pub struct LsArgs {
     /// Show full digests in the table.
     #[arg(long)]
     pub no_trunc: bool,
-    /// Cache directory and config, as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-/// Flags of `berth verify`.
-#[derive(Debug, Clone, Args)]
-pub struct VerifyArgs {
-    /// Cache directory and config, as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// Flags of `berth gc` (`--retention` comes from the `serve` flags).
@@ -182,9 +179,6 @@ pub struct GcArgs {
     /// Only list what would be removed.
     #[arg(long)]
     pub dry_run: bool,
-    /// Cache directory, config and retention, as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// How `berth export` names images in `index.json`.
@@ -216,9 +210,6 @@ pub struct ExportArgs {
     /// What `org.opencontainers.image.ref.name` holds.
     #[arg(long, value_enum, default_value_t)]
     pub ref_names: RefNames,
-    /// Cache directory and config, as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// Flags of `berth import`.
@@ -232,9 +223,6 @@ pub struct ImportArgs {
     /// Repository for ref names that are a bare tag (`1.27`, as `oci-archive:x.tar:1.27` writes).
     #[arg(long)]
     pub repo: Option<String>,
-    /// Cache directory and config, as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// Flags of `berth prefetch` (rules come from `--prefetch`, `--pin` and the config file).
@@ -255,9 +243,6 @@ pub struct PrefetchArgs {
     /// Entries asked for per `tags/list` and `_catalog` page.
     #[arg(long, default_value_t = 100)]
     pub page_size: usize,
-    /// Cache directory, config and upstreams, as for `berth serve`.
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// containerd's usual hosts directory.
