@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command line, config file, the validated [`config::Config`].
+//! - [`cli`]: the command line (clap structs of every subcommand).
+//! - [`config`]: config file, defaults, the validated [`config::Config`].
 //! - [`error`]: the error type and its one mapping to HTTP status + OCI code.
 //! - [`registry`]: OCI wire types (names, references, digests, media types,
 //!   the error envelope); pure and validated.
@@ -41,6 +42,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod error;

@@ -3,7 +3,8 @@
 
 use clap::Parser;
 
-use berth::config::{Cli, Command, Config};
+use berth::cli::{Cli, Command, ServeArgs};
+use berth::config::Config;
 
 /// sysexits.h EX_USAGE: a bad command line or config.
 const EX_USAGE: i32 = 64;
@@ -17,39 +18,50 @@ const EX_USAGE: i32 = 64;
 const EVENT_INTERVAL: u32 = 7;
 
 fn main() {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            let config = match Config::from_args(&args) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("berth: invalid configuration: {e}");
-                    std::process::exit(EX_USAGE);
-                }
-            };
-            berth::telemetry::init(config.log_format);
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .event_interval(EVENT_INTERVAL)
-                .build()
-                .expect("tokio runtime");
-            if let Err(e) = rt.block_on(serve(config)) {
-                tracing::error!(error = format!("{e:#}"), "berth failed");
-                eprintln!("berth: {e:#}");
-                std::process::exit(1);
-            }
+    use berth::{admin, node};
+    let code = match Cli::parse().command {
+        Command::Serve(a) => with_config(&a, run_serve),
+        Command::Check(a) => with_config(&a.serve, |c| check(c, &a.flags.registries)),
+        Command::Containerd(cmd) => node::run_containerd(&cmd),
+        Command::K3s(a) => node::run_k3s(&a),
+        Command::Ls(a) => with_config(&a.serve, |c| admin::ls::run(c, &a.flags)),
+        Command::Verify(a) => with_config(&a, admin::verify::run),
+        Command::Gc(a) => with_config(&a.serve, |c| admin::gc::run(c, &a.flags)),
+        Command::Export(a) => with_config(&a.serve, |c| admin::bundle::export(c, &a.flags)),
+        Command::Import(a) => with_config(&a.serve, |c| admin::bundle::import(c, &a.flags)),
+        Command::Prefetch(a) => with_config(&a.serve, |c| admin::prefetch::command(c, &a.flags)),
+    };
+    std::process::exit(code);
+}
+
+/// Load the config from the `serve` flags and file, then run `command`
+/// with it; a bad config is reported and exits with 64.
+fn with_config(args: &ServeArgs, command: impl FnOnce(Config) -> i32) -> i32 {
+    match Config::from_args(args) {
+        Ok(config) => command(config),
+        Err(e) => {
+            eprintln!("berth: invalid configuration: {e}");
+            EX_USAGE
         }
-        Command::Check(args) => std::process::exit(check(&args)),
-        Command::Containerd(cmd) => std::process::exit(berth::node::run_containerd(&cmd)),
-        Command::K3s(args) => std::process::exit(berth::node::run_k3s(&args)),
-        Command::Ls(args) => std::process::exit(berth::admin::ls::run(&args)),
-        Command::Verify(args) => std::process::exit(berth::admin::verify::run(&args)),
-        Command::Gc(args) => std::process::exit(berth::admin::gc::run(&args)),
-        Command::Export(args) => std::process::exit(berth::admin::bundle::export(&args)),
-        Command::Import(args) => std::process::exit(berth::admin::bundle::import(&args)),
-        Command::Prefetch(args) => std::process::exit(berth::admin::prefetch::command(&args)),
     }
+}
+
+/// `berth serve`: log, bind, serve until SIGTERM or Ctrl-C.
+fn run_serve(config: Config) -> i32 {
+    berth::telemetry::init(config.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .event_interval(EVENT_INTERVAL)
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(serve(config)) {
+        tracing::error!(error = format!("{e:#}"), "berth failed");
+        eprintln!("berth: {e:#}");
+        // At once: dropping the runtime would wait for its blocking tasks.
+        std::process::exit(1);
+    }
+    0
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -82,14 +94,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// `berth check`: exit 0 when every endpoint works, 1 otherwise, 64 on a bad config.
-fn check(args: &berth::config::CheckArgs) -> i32 {
-    let config = match Config::from_args(&args.serve) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("berth: invalid configuration: {e}");
-            return EX_USAGE;
-        }
-    };
+fn check(config: Config, registries: &[String]) -> i32 {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async {
@@ -101,12 +106,9 @@ fn check(args: &berth::config::CheckArgs) -> i32 {
                 return EX_USAGE;
             }
         };
-        let reports = berth::upstream::check::run(&upstreams, &args.registries).await;
+        let reports = berth::upstream::check::run(&upstreams, registries).await;
         if reports.is_empty() {
-            eprintln!(
-                "berth: no configured registry matches {:?}",
-                args.registries
-            );
+            eprintln!("berth: no configured registry matches {registries:?}");
             return EX_USAGE;
         }
         let (text, code) = berth::upstream::check::render(&reports);

@@ -6,9 +6,19 @@
 use std::ffi::OsStr;
 use std::io::IsTerminal as _;
 
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Install the global subscriber (once, from `main`).
 pub fn init(format: LogFormat) {

@@ -9,9 +9,10 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{fail, lock, setup, AdminError, EXIT_OK};
+use super::{fail, init_logging, is_cache, lock, AdminError, EXIT_OK};
 use crate::cache::{closure, Cache, TagRecord};
-use crate::config::GcArgs;
+use crate::cli::GcArgs;
+use crate::config::Config;
 use crate::registry::Digest;
 
 /// One removed (or, with `--dry-run`, removable) file.
@@ -26,26 +27,21 @@ pub struct Removed {
 }
 
 /// `berth gc`.
-pub fn run(args: &GcArgs) -> i32 {
-    match gc(args) {
+pub fn run(config: Config, args: &GcArgs) -> i32 {
+    match gc(config, args) {
         Ok(()) => EXIT_OK,
         Err(e) => fail(&e),
     }
 }
 
-fn gc(args: &GcArgs) -> Result<(), AdminError> {
-    let config = setup(&args.serve, "warn", Default::default())?;
+fn gc(config: Config, args: &GcArgs) -> Result<(), AdminError> {
+    init_logging(config.log_format, "warn", Default::default());
     let dir = &config.cache_dir;
     if config.retention.is_zero() {
         println!("retention is 0s (disabled): nothing to remove");
         return Ok(());
     }
-    if !dir.join("blobs/sha256").is_dir() {
-        return Err(AdminError::Usage(format!(
-            "{} is not a berth cache directory",
-            dir.display()
-        )));
-    }
+    is_cache(dir)?;
     let _lock = lock(dir, ", or let the daemon apply `retention` from its config")?;
     // No size bound here: gc removes by age only, never by LRU.
     let cache =

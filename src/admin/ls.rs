@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::image::{self, Completeness};
-use super::{fail, setup, AdminError, EXIT_OK};
+use super::{fail, init_logging, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
-use crate::config::LsArgs;
+use crate::cli::LsArgs;
+use crate::config::Config;
 use crate::pins::Rules;
 
 /// One listed image.
@@ -48,11 +49,8 @@ pub struct Entry {
 }
 
 /// `berth ls`.
-pub fn run(args: &LsArgs) -> i32 {
-    let config = match setup(&args.serve, "warn", Default::default()) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
+pub fn run(config: Config, args: &LsArgs) -> i32 {
+    init_logging(config.log_format, "warn", Default::default());
     let entries = match list(&config.cache_dir, &config.pins) {
         Ok(e) => e,
         Err(e) => return fail(&e),

@@ -11,7 +11,8 @@
 //!
 //! Shared here: [`image`] (references and walking an image in the cache),
 //! [`listing`] (paginated tag and repository lists), [`progress`] (bars on a
-//! terminal, log lines otherwise), config loading, the lock, exit codes.
+//! terminal, log lines otherwise), logging, the lock, exit codes. Each
+//! command receives the loaded [`Config`] and its own flags.
 //!
 //! Every command that changes the cache takes its lock first and refuses,
 //! with a message saying so, while a daemon holds it.
@@ -29,7 +30,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::cache::store::{self, LockError};
-use crate::config::{Capacity, Config, ConfigError, LogFormat, ServeArgs};
+use crate::config::{Capacity, Config};
+use crate::telemetry::LogFormat;
 
 /// Success.
 pub const EXIT_OK: i32 = 0;
@@ -45,9 +47,6 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    /// The config file or flags are invalid.
-    #[error("invalid configuration: {0}")]
-    Config(#[from] ConfigError),
     /// A flag or argument is wrong.
     #[error("{0}")]
     Usage(String),
@@ -74,7 +73,7 @@ impl AdminError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AdminError::Config(_) | AdminError::Usage(_) => EXIT_USAGE,
+            AdminError::Usage(_) => EXIT_USAGE,
             AdminError::Busy(..) => EXIT_BUSY,
             _ => EXIT_FAILED,
         }
@@ -95,21 +94,15 @@ pub fn fail(e: &AdminError) -> i32 {
     e.exit_code()
 }
 
-/// Load the config from the `serve` flags and file.
-pub fn load_config(args: &ServeArgs) -> Result<Config, AdminError> {
-    Ok(Config::from_args(args)?)
-}
-
-/// Load the config and install logging (`default_level` unless `RUST_LOG`
-/// says otherwise; log lines go through `writer`).
-pub fn setup(
-    args: &ServeArgs,
-    default_level: &str,
-    writer: progress::LogWriter,
-) -> Result<Config, AdminError> {
-    let config = load_config(args)?;
-    init_logging(config.log_format, default_level, writer);
-    Ok(config)
+/// Refuse a directory that holds no berth cache.
+pub fn is_cache(dir: &Path) -> Result<(), AdminError> {
+    if dir.join("blobs/sha256").is_dir() {
+        return Ok(());
+    }
+    Err(AdminError::Usage(format!(
+        "{} is not a berth cache directory",
+        dir.display()
+    )))
 }
 
 /// Take the cache directory's lock for a command that changes it; `hint`

@@ -36,9 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::listing::{self, natural_cmp};
 use super::progress::Progress;
-use super::{setup, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK};
+use super::{init_logging, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK};
 use crate::cache::{Manifest, TagRecord};
-use crate::config::{parse_capacity, Capacity, Config, PrefetchArgs};
+use crate::cli::PrefetchArgs;
+use crate::config::{parse_capacity, Capacity, Config};
 use crate::error::Error;
 use crate::mirror::blobs::{BlobReply, Tap};
 use crate::mirror::{CacheResult, Mirror};
@@ -514,12 +515,11 @@ pub fn spawn_schedule(state: &AppState, stop: impl Future<Output = ()> + Send + 
 }
 
 /// `berth prefetch`: the one-shot command.
-pub fn command(args: &PrefetchArgs) -> i32 {
+pub fn command(config: Config, args: &PrefetchArgs) -> i32 {
     let progress = Progress::new("prefetch", stderr_is_terminal());
-    let prepared = setup(&args.serve, "info", progress.log_writer())
-        .and_then(|config| options(args, &config).map(|o| (config, o)));
-    let (config, opts) = match prepared {
-        Ok(v) => v,
+    init_logging(config.log_format, "info", progress.log_writer());
+    let opts = match options(args, &config) {
+        Ok(o) => o,
         Err(e) => return super::fail(&e),
     };
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::progress::Progress;
-use super::{fail, lock, setup, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_OK};
-use crate::config::VerifyArgs;
+use super::{
+    fail, init_logging, is_cache, lock, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_OK,
+};
+use crate::config::Config;
 use crate::registry::digest::Digester;
 use crate::registry::Digest;
 
@@ -42,22 +44,17 @@ pub struct Report {
 }
 
 /// `berth verify`.
-pub fn run(args: &VerifyArgs) -> i32 {
+pub fn run(config: Config) -> i32 {
     let progress = Progress::new("verify", stderr_is_terminal());
-    let result = setup(&args.serve, "warn", progress.log_writer()).and_then(|config| {
-        let dir = config.cache_dir;
-        if !dir.join("blobs/sha256").is_dir() {
-            return Err(AdminError::Usage(format!(
-                "{} is not a berth cache directory",
-                dir.display()
-            )));
-        }
+    init_logging(config.log_format, "warn", progress.log_writer());
+    let dir = config.cache_dir;
+    let result = is_cache(&dir).and_then(|()| {
         let _lock = lock(&dir, "")?;
         let report = verify(&dir, &progress);
         progress.finish();
-        report.map(|r| (dir, r))
+        report
     });
-    let (dir, report) = match result {
+    let report = match result {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::hosts::{self, DockerCerts, HostsFile, DEFAULT_DIR};
 use super::{cri_config, files, NodeError, Plan, EXIT_NOT_ACTIVE};
-use crate::config::{ContainerdInstallArgs, ContainerdUninstallArgs};
+use crate::cli::{ContainerdInstallArgs, ContainerdUninstallArgs};
 use crate::registry::RegistryHost;
 
 /// Suffix of the backup of a replaced file.

@@ -20,7 +20,7 @@ use std::path::Path;
 use serde_norway::{Mapping, Value};
 
 use super::{files, NodeError, Plan};
-use crate::config::K3sArgs;
+use crate::cli::K3sArgs;
 
 /// Suffix of the copy of the file before berth first changed it.
 pub const BACKUP_SUFFIX: &str = ".berth-backup";

@@ -24,9 +24,8 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use crate::config::{
-    Config, ConfigError, ContainerdCommand, K3sArgs, MirrorArgs, ServeArgs, DEFAULT_CACHE_DIR,
-};
+use crate::cli::{ContainerdCommand, K3sArgs, MirrorArgs, ServeArgs};
+use crate::config::{Config, ConfigError, DEFAULT_CACHE_DIR};
 use crate::registry::RegistryHost;
 
 /// sysexits.h EX_USAGE: a bad command line or config.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::config::{parse_capacity, Capacity, ConfigError, Credentials};
+use crate::config::values::{err, parse_capacity, Capacity, ConfigError, Credentials};
 use crate::registry::RegistryHost;
 
 /// The embedded registry table (`berth serve` with no config).
@@ -124,10 +124,6 @@ impl RegistryConfig {
 
 /// Where environment variables come from (injectable for tests).
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-fn err(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
-}
 
 /// Build the registry table: embedded defaults, then the file, then
 /// `--upstream REGISTRY=URL` flags (which replace the origin URL).

@@ -13,10 +13,11 @@ use serde_json::{json, Value};
 
 use super::{CONTAINERD_NAME, OCI_LAYOUT, REF_NAME};
 use crate::admin::image::{self, ImageRef, Tree};
-use crate::admin::{fail, setup, AdminError, EXIT_OK};
+use crate::admin::{fail, init_logging, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
-use crate::config::{ExportArgs, RefNames};
+use crate::cli::{ExportArgs, RefNames};
+use crate::config::Config;
 use crate::registry::digest::Digester;
 use crate::registry::manifest::platform_matches;
 use crate::registry::Digest;
@@ -56,8 +57,8 @@ struct Planned {
 }
 
 /// `berth export`.
-pub fn export(args: &ExportArgs) -> i32 {
-    match run(args) {
+pub fn export(config: Config, args: &ExportArgs) -> i32 {
+    match run(config, args) {
         Ok((images, files, bytes)) => {
             eprintln!(
                 "berth: wrote {images} image(s), {files} blob(s), {} to {}",
@@ -70,8 +71,8 @@ pub fn export(args: &ExportArgs) -> i32 {
     }
 }
 
-fn run(args: &ExportArgs) -> Result<(usize, usize, u64), AdminError> {
-    let config = setup(&args.serve, "warn", Default::default())?;
+fn run(config: Config, args: &ExportArgs) -> Result<(usize, usize, u64), AdminError> {
+    init_logging(config.log_format, "warn", Default::default());
     let store = Store::open_existing(&config.cache_dir)
         .map_err(|e| AdminError::io(&config.cache_dir, e))?;
     let refs = args

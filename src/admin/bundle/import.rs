@@ -23,10 +23,11 @@ use serde::Deserialize;
 
 use super::{CONTAINERD_NAME, REF_NAME};
 use crate::admin::image::ImageRef;
-use crate::admin::{fail, lock, setup, AdminError, EXIT_OK};
+use crate::admin::{fail, init_logging, lock, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
-use crate::config::ImportArgs;
+use crate::cli::ImportArgs;
+use crate::config::Config;
 use crate::registry::digest::Digester;
 use crate::registry::manifest::children;
 use crate::registry::media_type::{self, MAX_MANIFEST_SIZE};
@@ -93,8 +94,8 @@ impl Drop for Staged {
 }
 
 /// `berth import`.
-pub fn import(args: &ImportArgs) -> i32 {
-    match run(args) {
+pub fn import(config: Config, args: &ImportArgs) -> i32 {
+    match run(config, args) {
         Ok(s) => {
             for (name, d) in &s.tags {
                 println!("tagged {name} -> {d}");
@@ -119,8 +120,8 @@ pub fn import(args: &ImportArgs) -> i32 {
     }
 }
 
-fn run(args: &ImportArgs) -> Result<ImportSummary, AdminError> {
-    let config = setup(&args.serve, "warn", Default::default())?;
+fn run(config: Config, args: &ImportArgs) -> Result<ImportSummary, AdminError> {
+    init_logging(config.log_format, "warn", Default::default());
     let registry = match &args.registry {
         Some(r) => r
             .parse()

@@ -4,7 +4,8 @@
 //! environment never shows in `Debug`.
 #![no_main]
 
-use berth::config::{Config, ServeArgs};
+use berth::cli::ServeArgs;
+use berth::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &str = "Zq9-fuzz-env-secret-Xw2";
