@@ -9,54 +9,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream, StreamExt};
-use tokio_util::sync::CancellationToken;
+use futures_util::stream::StreamExt;
 
-use super::private::Kind;
-use super::{CacheResult, Mirror};
+use super::{BlobReply, CacheResult, Kind, Mirror, Relayed, Tap};
 use crate::cache::flight::{Flight, Joined, Opener};
 use crate::cache::store::is_out_of_space;
 use crate::error::{Error, Result};
-use crate::registry::digest::Digester;
 use crate::registry::{Digest, RegistryHost, Repository};
-
-/// Upstream bytes of a blob.
-pub type ByteStream = BoxStream<'static, Result<Bytes>>;
-
-/// How the caller that starts a download taps its upstream bytes
-/// (prefetch paces them, counts them and stops them on cancellation).
-#[derive(Clone, Default)]
-pub struct Tap {
-    /// Stop opening and reading upstream once cancelled.
-    pub cancel: Option<CancellationToken>,
-    /// Wrap each upstream body's stream.
-    pub shape: Option<Arc<dyn Fn(ByteStream) -> ByteStream + Send + Sync>>,
-}
-
-/// What a blob `GET` gets.
-pub enum BlobReply {
-    /// Cached: the whole blob, mapped.
-    Cached(Bytes),
-    /// Being downloaded (by this request or another): stream from it.
-    Flight {
-        /// The download.
-        flight: Arc<Flight>,
-        /// The blob's size.
-        size: u64,
-    },
-    /// The cache filesystem is full: relay it ([`Mirror::relay_blob`]).
-    Full,
-}
-
-/// A blob relayed from upstream without caching.
-pub struct Relayed {
-    /// The blob's full size.
-    pub size: u64,
-    /// The bytes sent: `range` of the blob.
-    pub range: Range<u64>,
-    /// The bytes (a full body is verified before its last chunk).
-    pub stream: BoxStream<'static, std::io::Result<Bytes>>,
-}
 
 impl Mirror {
     /// The cached blob, after the private-content proof.
@@ -217,112 +176,7 @@ impl Mirror {
         Ok(Relayed {
             size,
             range,
-            stream: verified(body.stream, want, verify).boxed(),
+            stream: crate::transfer::verified(body.stream, want, verify).boxed(),
         })
-    }
-}
-
-/// Take `want` bytes; when `verify` is set, hash them and hold the last
-/// chunk back until the digest matched.
-fn verified(
-    upstream: ByteStream,
-    want: u64,
-    verify: Option<Digest>,
-) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
-    struct St {
-        up: ByteStream,
-        left: u64,
-        held: Option<Bytes>,
-        hasher: Digester,
-        verify: Option<Digest>,
-        done: bool,
-    }
-    let st = St {
-        up: upstream,
-        left: want,
-        held: None,
-        hasher: Digester::default(),
-        verify,
-        done: false,
-    };
-    stream::unfold(st, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        loop {
-            if st.left == 0 {
-                st.done = true;
-                if let Some(expected) = st.verify.take() {
-                    let actual = std::mem::take(&mut st.hasher).finish();
-                    if actual != expected {
-                        let e = std::io::Error::other(format!(
-                            "upstream blob does not match {expected}"
-                        ));
-                        return Some((Err(e), st));
-                    }
-                }
-                return st.held.take().map(|b| (Ok(b), st));
-            }
-            match st.up.next().await {
-                Some(Ok(mut chunk)) => {
-                    if chunk.len() as u64 > st.left {
-                        chunk.truncate(st.left as usize);
-                    }
-                    st.left -= chunk.len() as u64;
-                    st.hasher.update(&chunk);
-                    if st.verify.is_none() {
-                        return Some((Ok(chunk), st));
-                    }
-                    if let Some(prev) = st.held.replace(chunk) {
-                        return Some((Ok(prev), st));
-                    }
-                }
-                Some(Err(e)) => {
-                    st.done = true;
-                    return Some((Err(std::io::Error::other(e.to_string())), st));
-                }
-                None => {
-                    st.done = true;
-                    return Some((Err(std::io::Error::other("upstream body ended early")), st));
-                }
-            }
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use futures_util::TryStreamExt;
-
-    async fn run(
-        chunks: &[&'static [u8]],
-        want: u64,
-        verify: Option<Digest>,
-    ) -> std::io::Result<Vec<u8>> {
-        let owned: Vec<Result<Bytes>> = chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect();
-        let up = stream::iter(owned).boxed();
-        let parts: Vec<Bytes> = verified(up, want, verify).try_collect().await?;
-        Ok(parts.concat())
-    }
-
-    #[tokio::test]
-    async fn verifies_and_holds_back_the_tail() {
-        let ok = Digest::of(b"hello world");
-        assert_eq!(
-            run(&[b"hello ", b"world"], 11, Some(ok)).await.unwrap(),
-            b"hello world"
-        );
-        let wrong = Digest::of(b"something else");
-        assert!(run(&[b"hello ", b"world"], 11, Some(wrong)).await.is_err());
-        assert!(
-            run(&[b"hello "], 11, None).await.is_err(),
-            "short body is an error"
-        );
-        assert_eq!(
-            run(&[b"hello world"], 5, None).await.unwrap(),
-            b"hello",
-            "ranges are cut to size"
-        );
     }
 }

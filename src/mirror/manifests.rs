@@ -6,22 +6,11 @@
 
 use std::sync::Arc;
 
-use super::private::Kind;
-use super::{CacheResult, Mirror};
+use super::{CacheResult, Kind, ManifestReply, Mirror};
 use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
 use crate::registry::{Digest, Reference, RegistryHost, Repository, Tag};
 use crate::upstream::{ManifestHead, Upstream};
-
-/// What a manifest request gets.
-#[derive(Debug)]
-pub enum ManifestReply {
-    /// The manifest.
-    Manifest(Manifest),
-    /// For a HEAD: what the tag record (or upstream's HEAD) says; the
-    /// manifest itself was not needed.
-    Record(TagRecord),
-}
 
 impl Mirror {
     /// `GET|HEAD` a manifest by tag or digest through `registry`.

@@ -9,15 +9,19 @@
 //!
 //! Layers point one way: server -> mirror -> {upstream, cache} -> registry.
 
-pub mod blobs;
-pub mod manifests;
+mod blobs;
+mod manifests;
 mod private;
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use tokio_util::sync::CancellationToken;
 
+use crate::cache::flight::Flight;
 use crate::cache::provenance::Origin;
 use crate::cache::{Cache, Manifest, TagRecord};
 use crate::coalesce::Coalescer;
@@ -60,6 +64,61 @@ impl CacheResult {
             CacheResult::Miss
         }
     }
+}
+
+/// Upstream bytes of a blob.
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+/// How the caller that starts a download taps its upstream bytes
+/// (prefetch paces them, counts them and stops them on cancellation).
+#[derive(Clone, Default)]
+pub struct Tap {
+    /// Stop opening and reading upstream once cancelled.
+    pub cancel: Option<CancellationToken>,
+    /// Wrap each upstream body's stream.
+    pub shape: Option<Arc<dyn Fn(ByteStream) -> ByteStream + Send + Sync>>,
+}
+
+/// What a blob `GET` gets.
+pub enum BlobReply {
+    /// Cached: the whole blob, mapped.
+    Cached(Bytes),
+    /// Being downloaded (by this request or another): stream from it.
+    Flight {
+        /// The download.
+        flight: Arc<Flight>,
+        /// The blob's size.
+        size: u64,
+    },
+    /// The cache filesystem is full: relay it ([`Mirror::relay_blob`]).
+    Full,
+}
+
+/// A blob relayed from upstream without caching.
+pub struct Relayed {
+    /// The blob's full size.
+    pub size: u64,
+    /// The bytes sent: `range` of the blob.
+    pub range: Range<u64>,
+    /// The bytes (a full body is verified before its last chunk).
+    pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+/// What a manifest request gets.
+#[derive(Debug)]
+pub enum ManifestReply {
+    /// The manifest.
+    Manifest(Manifest),
+    /// For a HEAD: what the tag record (or upstream's HEAD) says; the
+    /// manifest itself was not needed.
+    Record(TagRecord),
+}
+
+/// What [`Mirror::vouch`] asks the upstream about.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Manifest,
+    Blob,
 }
 
 /// Where content fetched through `upstream` comes from (the provenance of

@@ -2,18 +2,11 @@
 //! is only handed out through a registry that proved it serves it (model in
 //! [`crate::cache::provenance`]).
 
-use super::Mirror;
+use super::{Kind, Mirror};
 use crate::cache::provenance::Access;
 use crate::error::{Error, Result};
 use crate::registry::{Digest, Reference, RegistryHost, Repository};
 use crate::upstream::Upstream;
-
-/// What [`Mirror::vouch`] asks the upstream about.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Kind {
-    Manifest,
-    Blob,
-}
 
 impl Mirror {
     /// Before content `d` that is cached (or being downloaded) is handed to

@@ -18,9 +18,7 @@ use super::route::Target;
 use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
 use crate::metrics::GaugeGuard;
-use crate::mirror::blobs::{BlobReply, Tap};
-use crate::mirror::manifests::ManifestReply;
-use crate::mirror::CacheResult;
+use crate::mirror::{BlobReply, CacheResult, ManifestReply, Tap};
 use crate::registry::{Digest, Reference};
 use crate::state::AppState;
 
