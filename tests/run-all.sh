@@ -27,6 +27,8 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "==> module layering (tests/layers.sh)"
+./tests/layers.sh
 echo "==> deploy/ci-validate.sh (Helm chart, manifests, systemd unit, Dockerfile, scripts)"
 ./deploy/ci-validate.sh
 echo "==> cargo test"
