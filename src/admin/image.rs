@@ -1,10 +1,7 @@
-//! Images in the cache: parsing the references people type
-//! (`nginx:1.27`, `docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:...`)
-//! and walking an image's manifests and blobs on disk, noting what is
-//! present, for `ls` and `export`.
+//! Images in the cache: walking an image's manifests and blobs on disk,
+//! noting what is present, for `ls` and `export`.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::fs;
 use std::time::SystemTime;
 
@@ -13,78 +10,7 @@ use serde::Deserialize;
 use crate::cache::store::Store;
 use crate::registry::manifest::{children, Child};
 use crate::registry::media_type;
-use crate::registry::{docker_repository, split_image_name, Digest, RegistryHost, Repository, Tag};
-
-/// A parsed image reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// The registry (the default registry when none was named).
-    pub registry: RegistryHost,
-    /// The repository (`library/` added for single names on docker.io).
-    pub repo: Repository,
-    /// The tag, if named.
-    pub tag: Option<Tag>,
-    /// The digest, if named.
-    pub digest: Option<Digest>,
-}
-
-impl fmt::Display for ImageRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repo)?;
-        if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
-        }
-        if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl ImageRef {
-    /// Parse `[registry/]repository[:tag][@digest]` the way docker does: the
-    /// first component is a registry when it has a dot or a port or is
-    /// `localhost`; single names on docker.io get `library/`.
-    pub fn parse(s: &str, default_registry: &RegistryHost) -> Result<ImageRef, String> {
-        let s = s.trim();
-        let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (
-                r,
-                Some(d.parse::<Digest>().map_err(|e| format!("{s:?}: {e}"))?),
-            ),
-            None => (s, None),
-        };
-        let (registry, repo, tag) = split_image_name(rest);
-        let registry = match registry {
-            Some(r) => r
-                .parse::<RegistryHost>()
-                .map_err(|_| format!("{s:?}: {r:?} is not a registry host"))?
-                .docker_normalized(),
-            None => default_registry.clone(),
-        };
-        let repo = docker_repository(&registry, repo);
-        let repo: Repository = repo
-            .parse()
-            .map_err(|_| format!("{s:?}: {repo:?} is not a repository name"))?;
-        let tag = tag
-            .map(|t| {
-                t.parse::<Tag>()
-                    .map_err(|_| format!("{s:?}: {t:?} is not a tag"))
-            })
-            .transpose()?;
-        if tag.is_none() && digest.is_none() {
-            return Err(format!(
-                "{s:?}: name a tag or a digest (e.g. {registry}/{repo}:latest)"
-            ));
-        }
-        Ok(ImageRef {
-            registry,
-            repo,
-            tag,
-            digest,
-        })
-    }
-}
+use crate::registry::Digest;
 
 /// One platform's image under a root (or the root itself when it is a
 /// single manifest).
@@ -296,34 +222,5 @@ pub fn root_child(digest: Digest, media_type: &str, size: u64) -> Child {
         media_type: media_type.to_owned(),
         platform: None,
         is_manifest: true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(s: &str) -> Result<ImageRef, String> {
-        ImageRef::parse(s, &"docker.io".parse().unwrap())
-    }
-
-    #[test]
-    fn references_like_docker() {
-        let r = parse("nginx:1.27").unwrap();
-        assert_eq!(r.to_string(), "docker.io/library/nginx:1.27");
-        let r = parse("docker.io/library/nginx:1.27").unwrap();
-        assert_eq!(r.repo.as_str(), "library/nginx");
-        let r = parse("localhost:5000/team/app:v1").unwrap();
-        assert_eq!(r.registry.as_str(), "localhost:5000");
-        assert_eq!(r.repo.as_str(), "team/app");
-        let d = format!("sha256:{}", "a".repeat(64));
-        let r = parse(&format!("ghcr.io/org/app@{d}")).unwrap();
-        assert!(r.tag.is_none());
-        assert_eq!(r.digest.unwrap().to_string(), d);
-        let r = parse(&format!("quay.io/a/b:t@{d}")).unwrap();
-        assert_eq!(r.tag.unwrap().as_str(), "t");
-        assert!(parse("nginx").is_err(), "a tag or digest is required");
-        assert!(parse("Bad/Name:1").is_err());
-        assert!(parse("x@sha256:zz").is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::{CONTAINERD_NAME, OCI_LAYOUT, REF_NAME};
-use crate::admin::image::{self, ImageRef, Tree};
+use crate::admin::image::{self, Tree};
 use crate::admin::{fail, init_logging, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
@@ -20,7 +20,7 @@ use crate::cli::{ExportArgs, RefNames};
 use crate::config::Config;
 use crate::registry::digest::Digester;
 use crate::registry::manifest::platform_matches;
-use crate::registry::Digest;
+use crate::registry::{Digest, ImageRef};
 
 /// Why a bundle could not be written.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,6 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{CONTAINERD_NAME, REF_NAME};
-use crate::admin::image::ImageRef;
 use crate::admin::{fail, init_logging, lock, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
@@ -31,7 +30,7 @@ use crate::config::Config;
 use crate::registry::digest::Digester;
 use crate::registry::manifest::children;
 use crate::registry::media_type::{self, MAX_MANIFEST_SIZE};
-use crate::registry::{Digest, RegistryHost, Repository, Tag};
+use crate::registry::{Digest, ImageRef, RegistryHost, Repository, Tag};
 
 /// Largest `index.json` / `oci-layout` read.
 const MAX_INDEX: u64 = 16 << 20;
