@@ -5,10 +5,8 @@ use std::collections::HashSet;
 use std::fs;
 use std::time::SystemTime;
 
-use serde::Deserialize;
-
 use crate::cache::store::Store;
-use crate::registry::manifest::{children, Child};
+use crate::registry::manifest::{children, Descriptor, Platform};
 use crate::registry::media_type;
 use crate::registry::Digest;
 
@@ -19,11 +17,11 @@ pub struct PlatformImage {
     /// `os/arch[/variant]` from the index entry or the image config.
     pub platform: Option<String>,
     /// The image manifest's descriptor.
-    pub manifest: Child,
+    pub manifest: Descriptor,
     /// Whether the manifest is in the cache.
     pub present: bool,
     /// Config and layers (empty when the manifest is missing).
-    pub blobs: Vec<Child>,
+    pub blobs: Vec<Descriptor>,
     /// Those of `blobs` not in the cache.
     pub missing: Vec<Digest>,
 }
@@ -39,7 +37,7 @@ impl PlatformImage {
 #[derive(Debug, Clone)]
 pub struct Tree {
     /// The root manifest (index or image manifest) descriptor.
-    pub root: Child,
+    pub root: Descriptor,
     /// Whether the root manifest is in the cache.
     pub present: bool,
     /// Whether the root is an index.
@@ -47,7 +45,7 @@ pub struct Tree {
     /// The image manifests under it.
     pub images: Vec<PlatformImage>,
     /// Nested indexes between the root and the images (rare).
-    pub nested: Vec<Child>,
+    pub nested: Vec<Descriptor>,
 }
 
 /// How complete a cached image is.
@@ -94,7 +92,7 @@ impl Tree {
 
 /// Walk the image rooted at `root` (its media type and size from a tag
 /// record or a descriptor, when known).
-pub fn walk(store: &Store, root: Child) -> Tree {
+pub fn walk(store: &Store, root: Descriptor) -> Tree {
     let mut tree = Tree {
         present: false,
         is_index: false,
@@ -113,7 +111,7 @@ pub fn walk(store: &Store, root: Child) -> Tree {
     };
     if kids.iter().any(|c| c.is_manifest) {
         tree.is_index = true;
-        let mut stack: Vec<Child> = kids.into_iter().filter(|c| c.is_manifest).collect();
+        let mut stack: Vec<Descriptor> = kids.into_iter().filter(|c| c.is_manifest).collect();
         let mut depth = 0;
         while let Some(c) = stack.pop() {
             match read_manifest(store, &c.digest) {
@@ -146,7 +144,12 @@ pub fn walk(store: &Store, root: Child) -> Tree {
     tree
 }
 
-fn image(store: &Store, manifest: Child, present: bool, blobs: Vec<Child>) -> PlatformImage {
+fn image(
+    store: &Store,
+    manifest: Descriptor,
+    present: bool,
+    blobs: Vec<Descriptor>,
+) -> PlatformImage {
     let missing = blobs
         .iter()
         .filter(|b| !store.blob_path(&b.digest).is_file())
@@ -173,27 +176,14 @@ pub fn read_manifest(store: &Store, d: &Digest) -> Option<(String, Vec<u8>)> {
 }
 
 /// `os/arch[/variant]` from an image config blob, if cached and small.
-pub fn config_platform(store: &Store, config: Option<&Child>) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Config {
-        os: Option<String>,
-        architecture: Option<String>,
-        variant: Option<String>,
-    }
+pub fn config_platform(store: &Store, config: Option<&Descriptor>) -> Option<String> {
     let config = config?;
     if config.size > 1 << 20 {
         return None;
     }
     let bytes = fs::read(store.blob_path(&config.digest)).ok()?;
-    let c: Config = serde_json::from_slice(&bytes).ok()?;
-    let (os, arch) = (c.os?, c.architecture?);
-    if os.is_empty() || arch.is_empty() {
-        return None;
-    }
-    Some(match c.variant.filter(|v| !v.is_empty()) {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
-    })
+    let c: Platform = serde_json::from_slice(&bytes).ok()?;
+    (!c.os.is_empty() && !c.architecture.is_empty()).then(|| c.label())
 }
 
 /// The latest modification time among `digests`' files (their last use).
@@ -211,16 +201,4 @@ pub fn size_on_disk(store: &Store, digests: &[Digest]) -> u64 {
         .filter_map(|d| fs::metadata(store.blob_path(d)).ok())
         .map(|m| m.len())
         .sum()
-}
-
-/// A descriptor for a root known only by digest (media type and size
-/// filled in by [`walk`] when the manifest is cached).
-pub fn root_child(digest: Digest, media_type: &str, size: u64) -> Child {
-    Child {
-        digest,
-        size,
-        media_type: media_type.to_owned(),
-        platform: None,
-        is_manifest: true,
-    }
 }
