@@ -33,18 +33,11 @@ pub enum ListError {
     #[error("registry {0} does not list its repositories (no _catalog); name repositories without wildcards")]
     NoCatalog(String),
     /// The upstream failed.
-    #[error("{}", describe(.0))]
+    #[error("{}", .0.explained())]
     Upstream(Error),
     /// The upstream sent something that is not a listing.
     #[error("invalid listing from {0}: {1}")]
     Invalid(String, String),
-}
-
-fn describe(e: &Error) -> String {
-    match e.detail() {
-        Some(d) => format!("{e} ({d})"),
-        None => e.to_string(),
-    }
 }
 
 fn answered(what: &str, status: http::StatusCode) -> ListError {
