@@ -6,7 +6,7 @@ use std::fs;
 use std::time::SystemTime;
 
 use crate::cache::store::Store;
-use crate::registry::manifest::{children, Descriptor, Platform};
+use crate::registry::manifest::{self, children, Descriptor};
 use crate::registry::media_type;
 use crate::registry::Digest;
 
@@ -181,9 +181,7 @@ pub fn config_platform(store: &Store, config: Option<&Descriptor>) -> Option<Str
     if config.size > 1 << 20 {
         return None;
     }
-    let bytes = fs::read(store.blob_path(&config.digest)).ok()?;
-    let c: Platform = serde_json::from_slice(&bytes).ok()?;
-    (!c.os.is_empty() && !c.architecture.is_empty()).then(|| c.label())
+    manifest::config_platform(&fs::read(store.blob_path(&config.digest)).ok()?)
 }
 
 /// The latest modification time among `digests`' files (their last use).

@@ -50,29 +50,29 @@ impl Descriptor {
     }
 }
 
-/// A platform as an index entry and an image config name it.
 #[derive(Deserialize)]
-pub struct Platform {
-    /// `linux`, `windows`, ...
-    pub os: String,
-    /// `amd64`, `arm64`, ...
-    pub architecture: String,
-    /// `v8`, `v7`, ... when it matters.
-    pub variant: Option<String>,
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
 }
 
-impl Platform {
-    /// `os/arch[/variant]`.
-    pub fn label(&self) -> String {
-        match self.variant.as_deref() {
-            Some(v) if !v.is_empty() => format!("{}/{}/{v}", self.os, self.architecture),
-            _ => format!("{}/{}", self.os, self.architecture),
-        }
+/// An index entry's `platform` as `os/arch[/variant]`.
+fn platform<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Platform>::deserialize(d)?.map(|p| label(&p)))
+}
+
+fn label(p: &Platform) -> String {
+    match p.variant.as_deref() {
+        Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
+        _ => format!("{}/{}", p.os, p.architecture),
     }
 }
 
-fn platform<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(Option::<Platform>::deserialize(d)?.map(|p| p.label()))
+/// `os/arch[/variant]` of an image config that names both.
+pub fn config_platform(config: &[u8]) -> Option<String> {
+    let p: Platform = serde_json::from_slice(config).ok()?;
+    (!p.os.is_empty() && !p.architecture.is_empty()).then(|| label(&p))
 }
 
 /// The descriptors of any manifest shape: an index's `manifests`, an image

@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
+use reqwest::RequestBuilder;
 use url::Url;
 
 use super::answer::{self, content_length, content_type, parse_content_range, Answer};
@@ -191,10 +192,7 @@ impl Endpoint {
             .get(&self.client, &self.root, challenge, &scope, creds)
             .await
             .map(|_| ())
-            .map_err(|e| match e.detail() {
-                Some(d) => format!("{e} ({d})"),
-                None => e.to_string(),
-            })
+            .map_err(|e| e.explained())
     }
 
     /// `remaining/limit` from a manifest HEAD's rate-limit headers, if sent.
@@ -240,22 +238,21 @@ impl Endpoint {
             .map_err(|e| Error::Internal(format!("building upstream URL: {e}")))
     }
 
-    async fn auth_header(&self, scope: &str) -> Option<String> {
+    /// A configured token, Basic once the registry asked for it, else a
+    /// cached bearer token for `scope`.
+    async fn authorize(&self, req: RequestBuilder, scope: &str) -> RequestBuilder {
         match &self.credentials {
-            Some(Credentials::Token(t)) => return Some(format!("Bearer {t}")),
+            Some(Credentials::Token(t)) => req.bearer_auth(t),
             Some(Credentials::Basic { username, password })
                 if self.basic.load(Ordering::Relaxed) =>
             {
-                use base64::Engine as _;
-                let raw = format!("{username}:{password}");
-                return Some(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(raw)
-                ));
+                req.basic_auth(username, Some(password))
             }
-            _ => {}
+            _ => match self.tokens.cached(scope).await {
+                Some(t) => req.header(header::AUTHORIZATION, t.header()),
+                None => req,
+            },
         }
-        self.tokens.cached(scope).await.map(|t| t.header())
     }
 
     /// Send a body-less request, answering one auth challenge.
@@ -270,13 +267,8 @@ impl Endpoint {
         let scope = format!("repository:{}:pull", self.remote_repo(repo));
         let mut retried = false;
         loop {
-            let mut req = self
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
-            if let Some(h) = self.auth_header(&scope).await {
-                req = req.header(header::AUTHORIZATION, h);
-            }
+            let req = self.client.request(method.clone(), url.clone());
+            let req = self.authorize(req.headers(headers.clone()), &scope).await;
             let kind = kind_of(tail);
             let mut started = std::time::Instant::now();
             let retry = req.try_clone();
