@@ -194,6 +194,14 @@ impl Error {
         }
     }
 
+    /// The message with its detail, for people reading a command's output.
+    pub fn explained(&self) -> String {
+        match self.detail() {
+            Some(d) => format!("{self} ({d})"),
+            None => self.to_string(),
+        }
+    }
+
     /// Whether the upstream said the thing does not exist (as opposed to
     /// failing): a cached tag is then not served stale by default.
     pub fn is_not_found(&self) -> bool {

@@ -11,15 +11,15 @@
 //! - [`cli`]: the command line (clap structs of every subcommand).
 //! - [`config`]: config file, defaults, the validated [`config::Config`].
 //! - [`error`]: the error type and its one mapping to HTTP status + OCI code.
-//! - [`registry`]: OCI wire types (names, references, digests, media types,
-//!   the error envelope); pure and validated.
+//! - [`registry`]: OCI wire types (names, image references read the docker
+//!   way, digests, media types, descriptors, the error envelope); pure.
 //! - [`server`]: accept loop, routing ([`server::route`]), handlers, Range,
 //!   responses, access log; connection I/O with `sendfile` for mapped
 //!   content on plain TCP ([`server::conn`]); idle and stalled connections
 //!   closed ([`server::watchdog`]).
 //! - [`upstream`]: reqwest clients per registry, bearer/basic auth
-//!   ([`upstream::auth`]), redirects and a filtering DNS resolver as the SSRF
-//!   guard ([`upstream::resolve`]).
+//!   ([`upstream::auth`]), what a status means ([`upstream::answer`]), and a
+//!   filtering DNS resolver as the SSRF guard ([`upstream::resolve`]).
 //! - [`cache`]: the store on disk ([`cache::store`]), the LRU index
 //!   ([`cache::index`]), single-flight downloads with streaming followers
 //!   ([`cache::flight`]), which registries may read private content

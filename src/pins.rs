@@ -11,7 +11,7 @@ use std::fmt;
 
 use globset::{GlobBuilder, GlobMatcher};
 
-use crate::registry::{docker_repository, split_image_name, split_tag, RegistryHost};
+use crate::registry::{docker_repository, split_image_name, RegistryHost};
 
 /// One parsed rule.
 #[derive(Clone)]
@@ -57,22 +57,10 @@ impl Rule {
         if t.is_empty() {
             return Err("an empty image rule".into());
         }
-        let (registry, repo, tag) = match split_image_name(t) {
-            // A glob in the first component is a repository pattern.
-            (Some(r), ..) if r.contains('*') => {
-                let (repo, tag) = split_tag(t);
-                (None, repo, tag)
-            }
-            parts => parts,
-        };
+        // A glob in the first component is a repository pattern (`*.io/x`).
+        let (registry, repo, tag) = split_image_name(t);
         let tag = tag.unwrap_or("**");
-        let registry = registry
-            .map(|r| {
-                r.parse::<RegistryHost>()
-                    .map(RegistryHost::docker_normalized)
-                    .map_err(|_| format!("{r:?} is not a registry host"))
-            })
-            .transpose()?;
+        let registry = registry.map(RegistryHost::parse_docker).transpose()?;
         // `**` may span segments, so only a one-segment pattern is Docker's
         // official-image shorthand.
         let official = !repo.contains('/') && !repo.contains("**");

@@ -1,90 +1,14 @@
-//! Images in the cache: parsing the references people type
-//! (`nginx:1.27`, `docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:...`)
-//! and walking an image's manifests and blobs on disk, noting what is
-//! present, for `ls` and `export`.
+//! Images in the cache: walking an image's manifests and blobs on disk,
+//! noting what is present, for `ls` and `export`.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::fs;
 use std::time::SystemTime;
 
-use serde::Deserialize;
-
 use crate::cache::store::Store;
-use crate::registry::manifest::{children, Child};
+use crate::registry::manifest::{self, children, Descriptor};
 use crate::registry::media_type;
-use crate::registry::{docker_repository, split_image_name, Digest, RegistryHost, Repository, Tag};
-
-/// A parsed image reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// The registry (the default registry when none was named).
-    pub registry: RegistryHost,
-    /// The repository (`library/` added for single names on docker.io).
-    pub repo: Repository,
-    /// The tag, if named.
-    pub tag: Option<Tag>,
-    /// The digest, if named.
-    pub digest: Option<Digest>,
-}
-
-impl fmt::Display for ImageRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repo)?;
-        if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
-        }
-        if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl ImageRef {
-    /// Parse `[registry/]repository[:tag][@digest]` the way docker does: the
-    /// first component is a registry when it has a dot or a port or is
-    /// `localhost`; single names on docker.io get `library/`.
-    pub fn parse(s: &str, default_registry: &RegistryHost) -> Result<ImageRef, String> {
-        let s = s.trim();
-        let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (
-                r,
-                Some(d.parse::<Digest>().map_err(|e| format!("{s:?}: {e}"))?),
-            ),
-            None => (s, None),
-        };
-        let (registry, repo, tag) = split_image_name(rest);
-        let registry = match registry {
-            Some(r) => r
-                .parse::<RegistryHost>()
-                .map_err(|_| format!("{s:?}: {r:?} is not a registry host"))?
-                .docker_normalized(),
-            None => default_registry.clone(),
-        };
-        let repo = docker_repository(&registry, repo);
-        let repo: Repository = repo
-            .parse()
-            .map_err(|_| format!("{s:?}: {repo:?} is not a repository name"))?;
-        let tag = tag
-            .map(|t| {
-                t.parse::<Tag>()
-                    .map_err(|_| format!("{s:?}: {t:?} is not a tag"))
-            })
-            .transpose()?;
-        if tag.is_none() && digest.is_none() {
-            return Err(format!(
-                "{s:?}: name a tag or a digest (e.g. {registry}/{repo}:latest)"
-            ));
-        }
-        Ok(ImageRef {
-            registry,
-            repo,
-            tag,
-            digest,
-        })
-    }
-}
+use crate::registry::Digest;
 
 /// One platform's image under a root (or the root itself when it is a
 /// single manifest).
@@ -93,11 +17,11 @@ pub struct PlatformImage {
     /// `os/arch[/variant]` from the index entry or the image config.
     pub platform: Option<String>,
     /// The image manifest's descriptor.
-    pub manifest: Child,
+    pub manifest: Descriptor,
     /// Whether the manifest is in the cache.
     pub present: bool,
     /// Config and layers (empty when the manifest is missing).
-    pub blobs: Vec<Child>,
+    pub blobs: Vec<Descriptor>,
     /// Those of `blobs` not in the cache.
     pub missing: Vec<Digest>,
 }
@@ -113,7 +37,7 @@ impl PlatformImage {
 #[derive(Debug, Clone)]
 pub struct Tree {
     /// The root manifest (index or image manifest) descriptor.
-    pub root: Child,
+    pub root: Descriptor,
     /// Whether the root manifest is in the cache.
     pub present: bool,
     /// Whether the root is an index.
@@ -121,7 +45,7 @@ pub struct Tree {
     /// The image manifests under it.
     pub images: Vec<PlatformImage>,
     /// Nested indexes between the root and the images (rare).
-    pub nested: Vec<Child>,
+    pub nested: Vec<Descriptor>,
 }
 
 /// How complete a cached image is.
@@ -168,7 +92,7 @@ impl Tree {
 
 /// Walk the image rooted at `root` (its media type and size from a tag
 /// record or a descriptor, when known).
-pub fn walk(store: &Store, root: Child) -> Tree {
+pub fn walk(store: &Store, root: Descriptor) -> Tree {
     let mut tree = Tree {
         present: false,
         is_index: false,
@@ -187,7 +111,7 @@ pub fn walk(store: &Store, root: Child) -> Tree {
     };
     if kids.iter().any(|c| c.is_manifest) {
         tree.is_index = true;
-        let mut stack: Vec<Child> = kids.into_iter().filter(|c| c.is_manifest).collect();
+        let mut stack: Vec<Descriptor> = kids.into_iter().filter(|c| c.is_manifest).collect();
         let mut depth = 0;
         while let Some(c) = stack.pop() {
             match read_manifest(store, &c.digest) {
@@ -220,7 +144,12 @@ pub fn walk(store: &Store, root: Child) -> Tree {
     tree
 }
 
-fn image(store: &Store, manifest: Child, present: bool, blobs: Vec<Child>) -> PlatformImage {
+fn image(
+    store: &Store,
+    manifest: Descriptor,
+    present: bool,
+    blobs: Vec<Descriptor>,
+) -> PlatformImage {
     let missing = blobs
         .iter()
         .filter(|b| !store.blob_path(&b.digest).is_file())
@@ -247,27 +176,12 @@ pub fn read_manifest(store: &Store, d: &Digest) -> Option<(String, Vec<u8>)> {
 }
 
 /// `os/arch[/variant]` from an image config blob, if cached and small.
-pub fn config_platform(store: &Store, config: Option<&Child>) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Config {
-        os: Option<String>,
-        architecture: Option<String>,
-        variant: Option<String>,
-    }
+pub fn config_platform(store: &Store, config: Option<&Descriptor>) -> Option<String> {
     let config = config?;
     if config.size > 1 << 20 {
         return None;
     }
-    let bytes = fs::read(store.blob_path(&config.digest)).ok()?;
-    let c: Config = serde_json::from_slice(&bytes).ok()?;
-    let (os, arch) = (c.os?, c.architecture?);
-    if os.is_empty() || arch.is_empty() {
-        return None;
-    }
-    Some(match c.variant.filter(|v| !v.is_empty()) {
-        Some(v) => format!("{os}/{arch}/{v}"),
-        None => format!("{os}/{arch}"),
-    })
+    manifest::config_platform(&fs::read(store.blob_path(&config.digest)).ok()?)
 }
 
 /// The latest modification time among `digests`' files (their last use).
@@ -285,45 +199,4 @@ pub fn size_on_disk(store: &Store, digests: &[Digest]) -> u64 {
         .filter_map(|d| fs::metadata(store.blob_path(d)).ok())
         .map(|m| m.len())
         .sum()
-}
-
-/// A descriptor for a root known only by digest (media type and size
-/// filled in by [`walk`] when the manifest is cached).
-pub fn root_child(digest: Digest, media_type: &str, size: u64) -> Child {
-    Child {
-        digest,
-        size,
-        media_type: media_type.to_owned(),
-        platform: None,
-        is_manifest: true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(s: &str) -> Result<ImageRef, String> {
-        ImageRef::parse(s, &"docker.io".parse().unwrap())
-    }
-
-    #[test]
-    fn references_like_docker() {
-        let r = parse("nginx:1.27").unwrap();
-        assert_eq!(r.to_string(), "docker.io/library/nginx:1.27");
-        let r = parse("docker.io/library/nginx:1.27").unwrap();
-        assert_eq!(r.repo.as_str(), "library/nginx");
-        let r = parse("localhost:5000/team/app:v1").unwrap();
-        assert_eq!(r.registry.as_str(), "localhost:5000");
-        assert_eq!(r.repo.as_str(), "team/app");
-        let d = format!("sha256:{}", "a".repeat(64));
-        let r = parse(&format!("ghcr.io/org/app@{d}")).unwrap();
-        assert!(r.tag.is_none());
-        assert_eq!(r.digest.unwrap().to_string(), d);
-        let r = parse(&format!("quay.io/a/b:t@{d}")).unwrap();
-        assert_eq!(r.tag.unwrap().as_str(), "t");
-        assert!(parse("nginx").is_err(), "a tag or digest is required");
-        assert!(parse("Bad/Name:1").is_err());
-        assert!(parse("x@sha256:zz").is_err());
-    }
 }

@@ -15,6 +15,7 @@ use url::Url;
 use crate::config::Credentials;
 use crate::error::Error;
 use crate::registry::Repository;
+use crate::upstream::answer::Answer;
 use crate::upstream::auth::{parse_challenge, Challenge, TokenCache};
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::Upstream;
@@ -32,18 +33,15 @@ pub enum ListError {
     #[error("registry {0} does not list its repositories (no _catalog); name repositories without wildcards")]
     NoCatalog(String),
     /// The upstream failed.
-    #[error("{}", describe(.0))]
+    #[error("{}", .0.explained())]
     Upstream(Error),
     /// The upstream sent something that is not a listing.
     #[error("invalid listing from {0}: {1}")]
     Invalid(String, String),
 }
 
-fn describe(e: &Error) -> String {
-    match e.detail() {
-        Some(d) => format!("{e} ({d})"),
-        None => e.to_string(),
-    }
+fn answered(what: &str, status: http::StatusCode) -> ListError {
+    ListError::Upstream(Error::UpstreamFailed(format!("{what} answered {status}")))
 }
 
 #[derive(Deserialize)]
@@ -66,14 +64,10 @@ pub async fn tags(up: &Upstream, repo: &Repository, page: usize) -> Result<Vec<S
             .passthrough(repo, &tail, None)
             .await
             .map_err(ListError::Upstream)?;
-        let status = resp.status();
-        if status == http::StatusCode::NOT_FOUND {
-            return Err(ListError::NotFound(format!("{}/{repo}", up.host)));
-        }
-        if !status.is_success() {
-            return Err(ListError::Upstream(Error::UpstreamFailed(format!(
-                "tags/list of {repo} answered {status}"
-            ))));
+        match Answer::of(resp.status()) {
+            Answer::Success => {}
+            Answer::NotFound => return Err(ListError::NotFound(format!("{}/{repo}", up.host))),
+            _ => return Err(answered(&format!("tags/list of {repo}"), resp.status())),
         }
         let next = next_link(resp.headers());
         let body: TagsPage = resp
@@ -172,13 +166,13 @@ async fn catalog(ep: &Endpoint, page: usize) -> Result<Vec<String>, ListError> {
             }
         };
         let status = resp.status();
-        if matches!(status.as_u16(), 401 | 403 | 404 | 405) {
-            return Err(ListError::NoCatalog(host));
-        }
-        if !status.is_success() {
-            return Err(ListError::Upstream(Error::UpstreamFailed(format!(
-                "_catalog answered {status}"
-            ))));
+        match Answer::of(status) {
+            Answer::Success => {}
+            Answer::Denied | Answer::NotFound => return Err(ListError::NoCatalog(host)),
+            _ if status == http::StatusCode::METHOD_NOT_ALLOWED => {
+                return Err(ListError::NoCatalog(host))
+            }
+            _ => return Err(answered("_catalog", status)),
         }
         let next = next_link(resp.headers());
         let body: CatalogPage = resp

@@ -16,6 +16,7 @@ use crate::cache::TagRecord;
 use crate::cli::LsArgs;
 use crate::config::Config;
 use crate::pins::Rules;
+use crate::registry::manifest::Descriptor;
 
 /// One listed image.
 #[derive(Debug, Clone, Serialize)]
@@ -84,7 +85,7 @@ pub fn list(dir: &std::path::Path, pins: &Rules) -> Result<Vec<Entry>, AdminErro
         };
         let tree = image::walk(
             &store,
-            image::root_child(digest.clone(), &rec.media_type, rec.size),
+            Descriptor::manifest(digest.clone(), &rec.media_type, rec.size),
         );
         let present = tree.present_digests(&store);
         let (mut platforms, mut missing_platforms) = (Vec::new(), Vec::new());

@@ -43,7 +43,7 @@ use crate::config::{parse_capacity, Capacity, Config};
 use crate::error::Error;
 use crate::mirror::{BlobReply, CacheResult, Mirror, Tap};
 use crate::pins::{Rule, Rules};
-use crate::registry::manifest::{children, platform_matches, Child};
+use crate::registry::manifest::{children, platform_matches, Descriptor};
 use crate::registry::{Digest, Reference, RegistryHost, Repository, Tag};
 use crate::state::AppState;
 use crate::upstream::limiter::Limiter;
@@ -333,7 +333,7 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
             )));
         }
     }
-    let mut blobs: Vec<Child> = Vec::new();
+    let mut blobs: Vec<Descriptor> = Vec::new();
     for m in images.iter().chain(std::iter::once(&root)).map(|m| &m.0) {
         for c in children(&m.bytes).unwrap_or_default() {
             if !c.is_manifest && !blobs.iter().any(|b| b.digest == c.digest) {
@@ -418,7 +418,7 @@ async fn manifest(
 
 /// Download one blob through the mirror (a client pulling the same blob
 /// meanwhile shares the download); `true` when this call downloaded it.
-async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Child) -> Result<bool, Failure> {
+async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Failure> {
     let mirror = &ctx.state.mirror;
     if mirror.cache.index.contains(&blob.digest) {
         return Ok(false);

@@ -1,35 +1,53 @@
 //! Reading just enough of a manifest to walk an image: an index lists child
 //! manifests (with platforms), an image manifest lists its config and
-//! layers. Used to pin whole images, prefetch platforms and export bundles.
+//! layers. Used to pin whole images, prefetch platforms, export and import
+//! bundles.
 //! The bytes are never re-serialised.
 
-use serde::Deserialize;
+use std::collections::HashMap;
+
+use serde::{Deserialize, Deserializer};
 
 use super::Digest;
 
-/// A descriptor found in a manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Child {
+/// A descriptor in an index, an image manifest or an OCI layout's
+/// `index.json`, read leniently: a missing `mediaType` is empty and a
+/// missing `size` 0, so berth walks whatever it cached (the `oci-spec`
+/// crate refuses both, see README.md); the digest is validated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Descriptor {
+    /// Its media type.
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
     /// The content's digest.
     pub digest: Digest,
     /// Its size.
+    #[serde(default)]
     pub size: u64,
-    /// Its media type.
-    pub media_type: String,
     /// `os/arch[/variant]` for an index entry.
+    #[serde(default, deserialize_with = "platform")]
     pub platform: Option<String>,
-    /// Whether the child is itself a manifest (an index entry).
+    /// Its annotations (an `index.json` entry's image name).
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
+    /// Whether it is itself a manifest (an index entry).
+    #[serde(skip)]
     pub is_manifest: bool,
 }
 
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    platform: Option<Platform>,
+impl Descriptor {
+    /// A manifest known by digest (a tag's target), media type and size
+    /// when known.
+    pub fn manifest(digest: Digest, media_type: &str, size: u64) -> Descriptor {
+        Descriptor {
+            digest,
+            size,
+            media_type: media_type.to_owned(),
+            platform: None,
+            annotations: HashMap::new(),
+            is_manifest: true,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -39,6 +57,26 @@ struct Platform {
     variant: Option<String>,
 }
 
+/// An index entry's `platform` as `os/arch[/variant]`.
+fn platform<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Platform>::deserialize(d)?.map(|p| label(&p)))
+}
+
+fn label(p: &Platform) -> String {
+    match p.variant.as_deref() {
+        Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
+        _ => format!("{}/{}", p.os, p.architecture),
+    }
+}
+
+/// `os/arch[/variant]` of an image config that names both.
+pub fn config_platform(config: &[u8]) -> Option<String> {
+    let p: Platform = serde_json::from_slice(config).ok()?;
+    (!p.os.is_empty() && !p.architecture.is_empty()).then(|| label(&p))
+}
+
+/// The descriptors of any manifest shape: an index's `manifests`, an image
+/// manifest's `config` and `layers`, an artifact manifest's `blobs`.
 #[derive(Deserialize)]
 struct Shape {
     manifests: Option<Vec<Descriptor>>,
@@ -49,39 +87,17 @@ struct Shape {
 
 /// What a manifest references; an error when it is not JSON of a known shape
 /// or names an invalid digest.
-pub fn children(bytes: &[u8]) -> Result<Vec<Child>, String> {
+pub fn children(bytes: &[u8]) -> Result<Vec<Descriptor>, String> {
     let shape: Shape = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-    let mut out = Vec::new();
-    let mut push = |d: Descriptor, is_manifest: bool| -> Result<(), String> {
-        let digest: Digest = d.digest.parse().map_err(|e| format!("{e}"))?;
-        let platform = d.platform.map(|p| match p.variant {
-            Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
-            _ => format!("{}/{}", p.os, p.architecture),
-        });
-        out.push(Child {
-            digest,
-            size: d.size,
-            media_type: d.media_type,
-            platform,
-            is_manifest,
-        });
-        Ok(())
-    };
-    for d in shape.manifests.unwrap_or_default() {
-        push(d, true)?;
-    }
-    if let Some(c) = shape.config {
-        push(c, false)?;
-    }
-    for d in shape
-        .layers
-        .unwrap_or_default()
-        .into_iter()
-        .chain(shape.blobs.unwrap_or_default())
-    {
-        push(d, false)?;
-    }
-    Ok(out)
+    let manifests = shape.manifests.into_iter().flatten().map(|d| Descriptor {
+        is_manifest: true,
+        ..d
+    });
+    Ok(manifests
+        .chain(shape.config)
+        .chain(shape.layers.into_iter().flatten())
+        .chain(shape.blobs.into_iter().flatten())
+        .collect())
 }
 
 /// Whether an index entry's platform is wanted: `all`, an exact

@@ -32,6 +32,12 @@ pub fn essence(content_type: &str) -> &str {
 /// The media type to use for a manifest whose upstream sent no usable
 /// `Content-Type`: its own `mediaType` field, else a guess from its shape.
 pub fn sniff(body: &[u8]) -> String {
+    sniff_or(body, "")
+}
+
+/// A manifest's own `mediaType` field, else `declared` (what its
+/// descriptor says) when not empty, else a guess from its shape.
+pub fn sniff_or(body: &[u8], declared: &str) -> String {
     #[derive(serde::Deserialize)]
     struct Shape {
         #[serde(rename = "mediaType")]
@@ -43,6 +49,7 @@ pub fn sniff(body: &[u8]) -> String {
             media_type: Some(mt),
             ..
         }) if !mt.is_empty() => mt,
+        _ if !declared.is_empty() => declared.to_owned(),
         Ok(Shape {
             manifests: Some(_), ..
         }) => OCI_INDEX.to_owned(),
@@ -68,5 +75,12 @@ mod tests {
         assert_eq!(sniff(br#"{"mediaType":"x/y"}"#), "x/y");
         assert_eq!(sniff(br#"{"manifests":[]}"#), OCI_INDEX);
         assert_eq!(sniff(br#"{"config":{}}"#), OCI_MANIFEST);
+    }
+
+    #[test]
+    fn media_types() {
+        assert_eq!(sniff_or(br#"{"mediaType":"x/y"}"#, "a/b"), "x/y");
+        assert_eq!(sniff_or(br#"{"config":{}}"#, "a/b"), "a/b");
+        assert_eq!(sniff_or(br#"{"manifests":[]}"#, ""), OCI_INDEX);
     }
 }

@@ -11,5 +11,6 @@ pub mod reference;
 pub use digest::Digest;
 pub use error_code::ErrorCode;
 pub use reference::{
-    docker_repository, split_image_name, split_tag, Reference, RegistryHost, Repository, Tag,
+    docker_repository, split_image_name, split_registry, ImageRef, Reference, RegistryHost,
+    Repository, Tag,
 };

@@ -1,6 +1,8 @@
 //! Repository names, tags, references and registry hosts, each a newtype
 //! that can only be built through the distribution-spec grammar (anchored),
-//! so that a value that exists is safe as a path component.
+//! so that a value that exists is safe as a path component; and the one
+//! reading of image names as people write them ([`ImageRef`], Docker's
+//! normalisation), shared by routing, pins and the admin commands.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -124,9 +126,19 @@ impl RegistryHost {
 
     /// Whether a path segment looks like a registry host rather than the
     /// first component of a repository name (the same rule docker uses: a
-    /// dot, a port, or `localhost`).
+    /// dot, a port, or `localhost`). A `*` never is one: it starts a pin's
+    /// repository pattern (`*.io/x`).
     pub fn looks_like_host(segment: &str) -> bool {
-        segment.contains('.') || segment.contains(':') || segment == "localhost"
+        !segment.contains('*')
+            && (segment.contains('.') || segment.contains(':') || segment == "localhost")
+    }
+
+    /// Parse a registry named in an image reference, `index.docker.io` read
+    /// as `docker.io`; the error names it.
+    pub fn parse_docker(s: &str) -> Result<RegistryHost, String> {
+        s.parse::<RegistryHost>()
+            .map(RegistryHost::docker_normalized)
+            .map_err(|_| format!("{s:?} is not a registry host"))
     }
 
     /// Docker Hub's canonical name: `index.docker.io` (the legacy name the
@@ -148,16 +160,86 @@ impl RegistryHost {
 /// Docker Hub's registry name.
 const DOCKER_HUB: &str = "docker.io";
 
-/// The parts of an image name as people write it, split the way docker
-/// does (nothing validated yet): `(registry, repository, tag)`. The first
-/// path component is a registry when it looks like a host
-/// ([`RegistryHost::looks_like_host`]); the tag follows the last `:` after
-/// the last `/`. A digest (`@...`) must be split off before.
-pub fn split_image_name(s: &str) -> (Option<&str>, &str, Option<&str>) {
-    let (registry, path) = match s.split_once('/') {
-        Some((first, path)) if RegistryHost::looks_like_host(first) => (Some(first), path),
+/// An image reference as people write it, `[registry/]repository[:tag][@digest]`,
+/// validated and normalised the way docker reads it ([`ImageRef::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The registry (the default registry when none was named).
+    pub registry: RegistryHost,
+    /// The repository (`library/` added for single names on docker.io).
+    pub repo: Repository,
+    /// The tag, if named.
+    pub tag: Option<Tag>,
+    /// The digest, if named.
+    pub digest: Option<Digest>,
+}
+
+impl ImageRef {
+    /// Parse `[registry/]repository[:tag][@digest]` the way docker does
+    /// ([`split_image_name`], [`RegistryHost::parse_docker`],
+    /// [`docker_repository`]), `default_registry` when none is named. berth
+    /// never guesses `latest`: a tag or a digest must be named.
+    pub fn parse(s: &str, default_registry: &RegistryHost) -> Result<ImageRef, String> {
+        let s = s.trim();
+        let at = |e: String| format!("{s:?}: {e}");
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| at(e.to_string()))?)),
+            None => (s, None),
+        };
+        let (registry, repo, tag) = split_image_name(rest);
+        let registry = match registry {
+            Some(r) => RegistryHost::parse_docker(r).map_err(at)?,
+            None => default_registry.clone(),
+        };
+        let repo = docker_repository(&registry, repo);
+        let repo: Repository = repo
+            .parse()
+            .map_err(|_| at(format!("{repo:?} is not a repository name")))?;
+        let tag = tag
+            .map(|t| t.parse().map_err(|_| at(format!("{t:?} is not a tag"))))
+            .transpose()?;
+        if tag.is_none() && digest.is_none() {
+            return Err(at(format!(
+                "name a tag or a digest (e.g. {registry}/{repo}:latest)"
+            )));
+        }
+        Ok(ImageRef {
+            registry,
+            repo,
+            tag,
+            digest,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repo)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Split off the first path component when it names a registry
+/// ([`RegistryHost::looks_like_host`]): `(registry, rest)`.
+pub fn split_registry(s: &str) -> (Option<&str>, &str) {
+    match s.split_once('/') {
+        Some((first, rest)) if RegistryHost::looks_like_host(first) => (Some(first), rest),
         _ => (None, s),
-    };
+    }
+}
+
+/// The parts of an image name as people write it, split the way docker
+/// does (nothing validated yet): `(registry, repository, tag)`, the
+/// registry by [`split_registry`], the tag after the last `:` after the
+/// last `/`. A digest (`@...`) must be split off before.
+pub fn split_image_name(s: &str) -> (Option<&str>, &str, Option<&str>) {
+    let (registry, path) = split_registry(s);
     let (repo, tag) = split_tag(path);
     (registry, repo, tag)
 }
@@ -285,6 +367,27 @@ mod tests {
         }
         assert!(RegistryHost::looks_like_host("ghcr.io"));
         assert!(!RegistryHost::looks_like_host("library"));
+    }
+
+    #[test]
+    fn references_like_docker() {
+        let parse = |s: &str| ImageRef::parse(s, &"docker.io".parse().unwrap());
+        let r = parse("nginx:1.27").unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/nginx:1.27");
+        let r = parse("docker.io/library/nginx:1.27").unwrap();
+        assert_eq!(r.repo.as_str(), "library/nginx");
+        let r = parse("localhost:5000/team/app:v1").unwrap();
+        assert_eq!(r.registry.as_str(), "localhost:5000");
+        assert_eq!(r.repo.as_str(), "team/app");
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = parse(&format!("ghcr.io/org/app@{d}")).unwrap();
+        assert!(r.tag.is_none());
+        assert_eq!(r.digest.unwrap().to_string(), d);
+        let r = parse(&format!("quay.io/a/b:t@{d}")).unwrap();
+        assert_eq!(r.tag.unwrap().as_str(), "t");
+        assert!(parse("nginx").is_err(), "a tag or digest is required");
+        assert!(parse("Bad/Name:1").is_err());
+        assert!(parse("x@sha256:zz").is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@ use http::Method;
 use crate::error::Error;
 use crate::registry::digest::DigestError;
 use crate::registry::reference::ReferenceError;
-use crate::registry::{Digest, Reference, RegistryHost, Repository};
+use crate::registry::{
+    docker_repository, split_registry, Digest, Reference, RegistryHost, Repository,
+};
 
 /// The repository a request is about, with the registry it lives in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,28 +145,23 @@ fn target(name: &str, ns: Option<String>, regs: &Registries<'_>) -> Result<Targe
             let host: RegistryHost = ns.parse().map_err(|_| Error::RegistryUnknown(ns.clone()))?;
             (host, name, false)
         }
-        None => match name.split_once('/') {
-            Some((first, rest)) if RegistryHost::looks_like_host(first) => {
+        None => match split_registry(name) {
+            (Some(first), rest) => {
                 let host: RegistryHost = first
                     .parse()
                     .map_err(|_| Error::NameInvalid(name.to_owned()))?;
                 (host, rest, true)
             }
-            _ => (regs.default.clone(), name, false),
+            (None, _) => (regs.default.clone(), name, false),
         },
     };
     if !(regs.mirrored)(&registry) {
         return Err(Error::RegistryUnknown(registry.to_string()));
     }
     // Docker Hub's official images live under library/ (PEERS.md 2.2 #8).
-    let normalised;
-    let repo = if registry.as_str() == "docker.io" && !repo.contains('/') {
-        normalised = format!("library/{repo}");
-        &normalised
-    } else {
-        repo
-    };
-    let repo: Repository = repo.parse().map_err(Error::NameInvalid)?;
+    let repo: Repository = docker_repository(&registry, repo)
+        .parse()
+        .map_err(Error::NameInvalid)?;
     Ok(Target {
         registry,
         repo,

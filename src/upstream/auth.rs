@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use url::Url;
 
+use super::answer::Answer;
 use crate::config::Credentials;
 use crate::error::Error;
 
@@ -259,13 +260,13 @@ async fn fetch_token(
     }
     let resp = req.send().await.map_err(super::map_reqwest)?;
     let status = resp.status();
-    if status == 401 || status == 403 {
-        return Err(Error::UpstreamDenied(status.as_u16()));
-    }
-    if !status.is_success() {
-        return Err(Error::UpstreamFailed(format!(
-            "token endpoint answered {status}"
-        )));
+    match Answer::of(status) {
+        Answer::Success => {}
+        Answer::Denied => return Err(Error::UpstreamDenied(status.as_u16())),
+        _ => {
+            let e = format!("token endpoint answered {status}");
+            return Err(Error::UpstreamFailed(e));
+        }
     }
     let body: TokenResponse = resp
         .json()

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::header;
 
+use super::answer::Answer;
 use super::auth::{parse_challenge, Challenge};
 use super::endpoint::Endpoint;
 use super::{redact, Upstreams};
@@ -104,30 +105,14 @@ async fn check(ep: &Endpoint) -> Report {
                     .basic_auth(username, Some(password))
                     .send()
                     .await;
-                report.credentials = Some(match r {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) => Err(format!("credentials refused ({})", r.status())),
-                    Err(e) => Err(describe(e)),
-                });
+                report.credentials = Some(verdict(r, "credentials"));
             }
         }
         (_, s) => report.anonymous = Some(Err(format!("GET /v2/ answered {s}"))),
     }
-    if creds.is_some()
-        && report.credentials.is_none()
-        && matches!(creds, Some(Credentials::Token(_)))
-    {
-        let r = ep
-            .client()
-            .get(v2)
-            .bearer_auth(token_of(creds))
-            .send()
-            .await;
-        report.credentials = Some(match r {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(format!("token refused ({})", r.status())),
-            Err(e) => Err(describe(e)),
-        });
+    if let (Some(Credentials::Token(t)), None) = (creds, &report.credentials) {
+        let r = ep.client().get(v2).bearer_auth(t).send().await;
+        report.credentials = Some(verdict(r, "token"));
     }
     if ep.root().host_str() == Some("registry-1.docker.io") {
         let repo: Repository = DOCKER_HUB_PROBE.parse().expect("probe repo");
@@ -139,32 +124,30 @@ async fn check(ep: &Endpoint) -> Report {
     report
 }
 
-fn token_of(c: Option<&Credentials>) -> &str {
-    match c {
-        Some(Credentials::Token(t)) => t,
-        _ => "",
+/// Whether `what` (credentials, a token) was accepted.
+fn verdict(r: reqwest::Result<reqwest::Response>, what: &str) -> Result<(), String> {
+    match r {
+        Ok(r) if Answer::of(r.status()) == Answer::Success => Ok(()),
+        Ok(r) => Err(format!("{what} refused ({})", r.status())),
+        Err(e) => Err(describe(e)),
     }
 }
 
 fn describe(e: reqwest::Error) -> String {
+    let mut msg = String::from(if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    });
     // The full source chain names TLS problems ("invalid peer certificate: UnknownIssuer").
-    let mut msg = map_reqwest_detail(&e);
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
         let _ = write!(msg, ": {s}");
         src = s.source();
     }
     msg
-}
-
-fn map_reqwest_detail(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "cannot connect".into()
-    } else {
-        "request failed".into()
-    }
 }
 
 /// Human-readable report; the second value is the exit code (0 all good,

@@ -11,13 +11,15 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
+use reqwest::RequestBuilder;
 use url::Url;
 
+use super::answer::{self, content_length, content_type, parse_content_range, Answer};
 use super::auth::{parse_challenge, Challenge, TokenCache};
 use super::breaker::Breaker;
 use super::limiter::Limiter;
 use super::resolve::{GuardedResolver, Policy};
-use super::{connection_dropped, map_reqwest, redact, retry_after, url_is_private, ManifestHead};
+use super::{connection_dropped, map_reqwest, redact, url_is_private, ManifestHead};
 use crate::config::{Config, ConfigError, Credentials, EndpointConfig};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -190,10 +192,7 @@ impl Endpoint {
             .get(&self.client, &self.root, challenge, &scope, creds)
             .await
             .map(|_| ())
-            .map_err(|e| match e.detail() {
-                Some(d) => format!("{e} ({d})"),
-                None => e.to_string(),
-            })
+            .map_err(|e| e.explained())
     }
 
     /// `remaining/limit` from a manifest HEAD's rate-limit headers, if sent.
@@ -210,12 +209,7 @@ impl Endpoint {
                 manifest_accept(),
             )
             .await?;
-        let read = |n: &str| {
-            resp.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
-        };
+        let read = |n: &str| answer::ratelimit(resp.headers(), n);
         Ok(
             match (read("ratelimit-remaining"), read("ratelimit-limit")) {
                 (Some(r), Some(l)) => Some(format!("{r} of {l} pulls left in the window")),
@@ -244,22 +238,21 @@ impl Endpoint {
             .map_err(|e| Error::Internal(format!("building upstream URL: {e}")))
     }
 
-    async fn auth_header(&self, scope: &str) -> Option<String> {
+    /// A configured token, Basic once the registry asked for it, else a
+    /// cached bearer token for `scope`.
+    async fn authorize(&self, req: RequestBuilder, scope: &str) -> RequestBuilder {
         match &self.credentials {
-            Some(Credentials::Token(t)) => return Some(format!("Bearer {t}")),
+            Some(Credentials::Token(t)) => req.bearer_auth(t),
             Some(Credentials::Basic { username, password })
                 if self.basic.load(Ordering::Relaxed) =>
             {
-                use base64::Engine as _;
-                let raw = format!("{username}:{password}");
-                return Some(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(raw)
-                ));
+                req.basic_auth(username, Some(password))
             }
-            _ => {}
+            _ => match self.tokens.cached(scope).await {
+                Some(t) => req.header(header::AUTHORIZATION, t.header()),
+                None => req,
+            },
         }
-        self.tokens.cached(scope).await.map(|t| t.header())
     }
 
     /// Send a body-less request, answering one auth challenge.
@@ -274,13 +267,8 @@ impl Endpoint {
         let scope = format!("repository:{}:pull", self.remote_repo(repo));
         let mut retried = false;
         loop {
-            let mut req = self
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
-            if let Some(h) = self.auth_header(&scope).await {
-                req = req.header(header::AUTHORIZATION, h);
-            }
+            let req = self.client.request(method.clone(), url.clone());
+            let req = self.authorize(req.headers(headers.clone()), &scope).await;
             let kind = kind_of(tail);
             let mut started = std::time::Instant::now();
             let retry = req.try_clone();
@@ -357,30 +345,16 @@ impl Endpoint {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Export Docker Hub's `ratelimit-limit: 100;w=21600` and
-    /// `ratelimit-remaining: 20;w=21600` (PROTOCOL.md 4.5).
+    /// Export Docker Hub's rate-limit headers (PROTOCOL.md 4.5).
     fn record_ratelimit(&self, h: &HeaderMap) {
-        let read = |name: &str| -> Option<i64> {
-            h.get(name)?
-                .to_str()
-                .ok()?
-                .split(';')
-                .next()?
-                .trim()
-                .parse()
-                .ok()
-        };
-        if let Some(v) = read("ratelimit-remaining") {
-            self.metrics
-                .ratelimit_remaining
-                .with_label_values(&[self.host.as_str()])
-                .set(v);
-        }
-        if let Some(v) = read("ratelimit-limit") {
-            self.metrics
-                .ratelimit_limit
-                .with_label_values(&[self.host.as_str()])
-                .set(v);
+        let m = &self.metrics;
+        for (name, gauge) in [
+            ("ratelimit-remaining", &m.ratelimit_remaining),
+            ("ratelimit-limit", &m.ratelimit_limit),
+        ] {
+            if let Some(v) = answer::ratelimit(h, name) {
+                gauge.with_label_values(&[self.host.as_str()]).set(v);
+            }
         }
     }
 
@@ -390,17 +364,6 @@ impl Endpoint {
             .upstream_bytes
             .with_label_values(&[self.host.as_str(), kind])
             .inc_by(n as u64);
-    }
-
-    /// Classify a non-success status.
-    fn status_error(&self, resp: &reqwest::Response, not_found: impl FnOnce() -> Error) -> Error {
-        let status = resp.status();
-        match status.as_u16() {
-            404 => not_found(),
-            401 | 403 => Error::UpstreamDenied(status.as_u16()),
-            429 => Error::UpstreamThrottled(retry_after(resp.headers())),
-            _ => Error::UpstreamFailed(format!("{} answered {status}", redact(resp.url()))),
-        }
     }
 
     /// A manifest request with the full Accept set; a non-success status
@@ -420,7 +383,7 @@ impl Endpoint {
             )
             .await?;
         if !resp.status().is_success() {
-            return Err(self.status_error(&resp, || {
+            return Err(answer::error(&resp, || {
                 Error::ManifestUnknown(format!("{repo}:{reference}"))
             }));
         }
@@ -500,7 +463,9 @@ impl Endpoint {
             .await?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(self.status_error(&resp, || Error::BlobUnknown(digest.to_string())));
+            return Err(answer::error(&resp, || {
+                Error::BlobUnknown(digest.to_string())
+            }));
         }
         let (size, skip) = if status == StatusCode::PARTIAL_CONTENT {
             let cr = resp
@@ -565,7 +530,9 @@ impl Endpoint {
                 .await?
         };
         if !resp.status().is_success() {
-            return Err(self.status_error(&resp, || Error::BlobUnknown(digest.to_string())));
+            return Err(answer::error(&resp, || {
+                Error::BlobUnknown(digest.to_string())
+            }));
         }
         let from_range = resp
             .headers()
@@ -583,7 +550,8 @@ impl Endpoint {
         size.ok_or_else(|| Error::UpstreamFailed("blob size unknown (no Content-Length)".into()))
     }
 
-    /// Pass a GET through (tag lists, referrers): status, headers, body.
+    /// Pass a GET through (tag lists, referrers): status, headers, body;
+    /// an answer that tells against the endpoint is an error.
     pub async fn passthrough(
         &self,
         repo: &Repository,
@@ -594,7 +562,11 @@ impl Endpoint {
         if let Some(a) = accept {
             headers.insert(header::ACCEPT, a.clone());
         }
-        self.send(Method::GET, repo, tail, headers).await
+        let resp = self.send(Method::GET, repo, tail, headers).await?;
+        if Answer::of(resp.status()).is_endpoint_failure() {
+            return Err(answer::error(&resp, || Error::NotFound(tail.to_owned())));
+        }
+        Ok(resp)
     }
 }
 
@@ -609,45 +581,8 @@ fn kind_of(tail: &str) -> &'static str {
     }
 }
 
-/// The `Content-Length` header. Read the header, not reqwest's
-/// `content_length()`: that is the body's size hint, 0 for a HEAD response.
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
-}
-
 fn manifest_accept() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
     h
-}
-
-fn content_type(h: &HeaderMap) -> Option<String> {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| media_type::essence(s).to_owned())
-}
-
-/// `bytes START-END/TOTAL` -> (START, TOTAL if known).
-fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (start, _end) = range.split_once('-')?;
-    Some((start.trim().parse().ok()?, total.trim().parse().ok()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_ranges() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/1000"),
-            Some((100, Some(1000)))
-        );
-        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
-        assert_eq!(parse_content_range("items 1-2/3"), None);
-    }
 }

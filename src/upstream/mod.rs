@@ -4,6 +4,7 @@
 //! out, answers 5xx, 429, or 401/403 after authenticating, or its circuit
 //! breaker is open. A 404 is an answer, not a failure: it does not fall back.
 
+pub mod answer;
 pub mod auth;
 pub mod breaker;
 pub mod check;
@@ -266,20 +267,8 @@ impl Upstream {
         tail: &str,
         accept: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, Error> {
-        self.first("relay", 0, |_, ep| async move {
-            let resp = ep.passthrough(repo, tail, accept).await?;
-            match resp.status().as_u16() {
-                401 | 403 => Err(Error::UpstreamDenied(resp.status().as_u16())),
-                429 => Err(Error::UpstreamThrottled(retry_after(resp.headers()))),
-                s if s >= 500 => Err(Error::UpstreamFailed(format!(
-                    "{} answered {}",
-                    redact(resp.url()),
-                    resp.status()
-                ))),
-                _ => Ok(resp),
-            }
-        })
-        .await
+        self.first("relay", 0, |_, ep| ep.passthrough(repo, tail, accept))
+            .await
     }
 }
 

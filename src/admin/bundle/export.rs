@@ -12,15 +12,15 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::{CONTAINERD_NAME, OCI_LAYOUT, REF_NAME};
-use crate::admin::image::{self, ImageRef, Tree};
+use crate::admin::image::{self, Tree};
 use crate::admin::{fail, init_logging, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
 use crate::cli::{ExportArgs, RefNames};
 use crate::config::Config;
 use crate::registry::digest::Digester;
-use crate::registry::manifest::platform_matches;
-use crate::registry::Digest;
+use crate::registry::manifest::{platform_matches, Descriptor};
+use crate::registry::{Digest, ImageRef};
 
 /// Why a bundle could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +133,10 @@ fn plan(
             }
             (None, None) => return Err(ExportError::NotCached(r.to_string())),
         };
-        let mut tree = image::walk(store, image::root_child(digest.clone(), &media_type, size));
+        let mut tree = image::walk(
+            store,
+            Descriptor::manifest(digest.clone(), &media_type, size),
+        );
         if !tree.present {
             missing.push(format!("manifest {digest} of {r}"));
             continue;

@@ -22,16 +22,15 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{CONTAINERD_NAME, REF_NAME};
-use crate::admin::image::ImageRef;
 use crate::admin::{fail, init_logging, lock, AdminError, EXIT_OK};
 use crate::cache::store::Store;
 use crate::cache::TagRecord;
 use crate::cli::ImportArgs;
 use crate::config::Config;
 use crate::registry::digest::Digester;
-use crate::registry::manifest::children;
+use crate::registry::manifest::{children, Descriptor};
 use crate::registry::media_type::{self, MAX_MANIFEST_SIZE};
-use crate::registry::{Digest, RegistryHost, Repository, Tag};
+use crate::registry::{Digest, ImageRef, RegistryHost, Repository, Tag};
 
 /// Largest `index.json` / `oci-layout` read.
 const MAX_INDEX: u64 = 16 << 20;
@@ -66,17 +65,6 @@ pub struct ImportSummary {
 struct IndexJson {
     #[serde(default)]
     manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    annotations: HashMap<String, String>,
 }
 
 /// Temporary files of verified entries; removed unless published.
@@ -296,16 +284,13 @@ fn walk(
         }
     };
     for root in &index.manifests {
-        let digest: Digest = root
-            .digest
-            .parse()
-            .map_err(|e| format!("index.json: {e}"))?;
+        let digest = root.digest.clone();
         let name = name_of(&root.annotations, defaults)?;
         let Some(bytes) = read(&digest) else {
             missing.push(format!("manifest {digest} (index.json)"));
             continue;
         };
-        let mt = media_type_of(&bytes, &root.media_type);
+        let mt = media_type::sniff_or(&bytes, &root.media_type);
         check_size(&digest, root.size, bytes.len() as u64)?;
         // Depth-first, post-order: children are published before parents.
         let mut stack = vec![(digest.clone(), bytes, mt.clone(), false)];
@@ -324,7 +309,7 @@ fn walk(
                     match read(&c.digest) {
                         Some(b) => {
                             check_size(&c.digest, c.size, b.len() as u64)?;
-                            let mt = media_type_of(&b, &c.media_type);
+                            let mt = media_type::sniff_or(&b, &c.media_type);
                             stack.push((c.digest, b, mt, false));
                         }
                         // An index entry the archive leaves out: a platform not exported.
@@ -369,22 +354,6 @@ fn check_size(d: &Digest, declared: u64, actual: u64) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// A manifest's own `mediaType`, else its descriptor's, else its shape.
-fn media_type_of(bytes: &[u8], descriptor: &str) -> String {
-    #[derive(Deserialize)]
-    struct Own {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-    }
-    match serde_json::from_slice::<Own>(bytes) {
-        Ok(Own {
-            media_type: Some(mt),
-        }) if !mt.is_empty() => mt,
-        _ if !descriptor.is_empty() => descriptor.to_owned(),
-        _ => media_type::sniff(bytes),
-    }
 }
 
 /// The tag an `index.json` entry names, if any.
@@ -513,15 +482,5 @@ mod tests {
             "quay.io/a/b:c"
         );
         assert!(n(&HashMap::new(), None).unwrap().is_none());
-    }
-
-    #[test]
-    fn media_types() {
-        assert_eq!(media_type_of(br#"{"mediaType":"x/y"}"#, "a/b"), "x/y");
-        assert_eq!(media_type_of(br#"{"config":{}}"#, "a/b"), "a/b");
-        assert_eq!(
-            media_type_of(br#"{"manifests":[]}"#, ""),
-            media_type::OCI_INDEX
-        );
     }
 }
