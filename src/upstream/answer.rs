@@ -4,9 +4,10 @@
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 
-use super::{redact, retry_after};
+use super::net::{redact, retry_after};
 use crate::error::Error;
 use crate::registry::media_type;
+use crate::registry::Digest;
 
 /// What an upstream's status says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +95,17 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     let (range, total) = rest.split_once('/')?;
     let (start, _end) = range.split_once('-')?;
     Some((start.trim().parse().ok()?, total.trim().parse().ok()))
+}
+
+/// What a manifest HEAD told us.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    /// `Docker-Content-Digest`, when sent and valid.
+    pub digest: Option<Digest>,
+    /// Media type.
+    pub media_type: String,
+    /// `Content-Length`.
+    pub size: Option<u64>,
 }
 
 #[cfg(test)]

@@ -14,12 +14,14 @@ use http::{Method, StatusCode};
 use reqwest::RequestBuilder;
 use url::Url;
 
+use super::answer::ManifestHead;
 use super::answer::{self, content_length, content_type, parse_content_range, Answer};
 use super::auth::{parse_challenge, Challenge, TokenCache};
 use super::breaker::Breaker;
 use super::limiter::Limiter;
+use super::net::{connection_dropped, map_reqwest, redact};
+use super::resolve::url_is_private;
 use super::resolve::{GuardedResolver, Policy};
-use super::{connection_dropped, map_reqwest, redact, url_is_private, ManifestHead};
 use crate::config::{Config, ConfigError, Credentials, EndpointConfig};
 use crate::error::Error;
 use crate::metrics::Metrics;

@@ -11,17 +11,19 @@ pub mod check;
 pub mod config;
 pub mod endpoint;
 pub mod limiter;
+pub mod net;
 pub mod resolve;
+
+pub use answer::ManifestHead;
+pub use net::{map_reqwest, redact, retry_after};
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue};
-use url::Url;
+use http::header::HeaderValue;
 
 use crate::config::{Config, ConfigError, RegistryConfig};
 use crate::error::Error;
@@ -56,17 +58,6 @@ impl Upstreams {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
         self.by_host.values()
     }
-}
-
-/// What a manifest HEAD told us.
-#[derive(Debug, Clone)]
-pub struct ManifestHead {
-    /// `Docker-Content-Digest`, when sent and valid.
-    pub digest: Option<Digest>,
-    /// Media type.
-    pub media_type: String,
-    /// `Content-Length`.
-    pub size: Option<u64>,
 }
 
 /// One mirrored registry: its endpoints in order.
@@ -269,163 +260,5 @@ impl Upstream {
     ) -> Result<reqwest::Response, Error> {
         self.first("relay", 0, |_, ep| ep.passthrough(repo, tail, accept))
             .await
-    }
-}
-
-/// `Retry-After` as seconds (HTTP dates are rare from registries and are
-/// treated as absent).
-pub fn retry_after(h: &HeaderMap) -> Option<Duration> {
-    h.get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
-}
-
-fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                // Shared address space (RFC 6598): internal cloud services
-                // live there (Alibaba Cloud's metadata at 100.100.100.200).
-                || (a == 100 && (64..128).contains(&b))
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d)
-            // addresses reach the embedded IPv4 address.
-            let embedded = (s[..6] == [0, 0, 0, 0, 0, 0xffff]
-                || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0])
-            .then(|| {
-                let o = v6.octets();
-                std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15])
-            });
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || embedded.is_some_and(|v4| is_private(v4.into()))
-        }
-    }
-}
-
-pub(crate) fn url_is_private(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => is_private(ip.into()),
-        Some(url::Host::Ipv6(ip)) => is_private(ip.into()),
-        Some(url::Host::Domain(d)) => {
-            d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost")
-        }
-        None => true,
-    }
-}
-
-/// Whether the connection was reset or closed before a complete response
-/// (after it was established), also before the request could be written
-/// (hyper reports that as canceled): transient, worth one immediate retry
-/// on a new connection.
-pub(crate) fn connection_dropped(e: &reqwest::Error) -> bool {
-    if e.is_connect() || e.is_timeout() {
-        return false;
-    }
-    std::iter::successors(std::error::Error::source(e), |s| s.source()).any(|c| {
-        c.downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
-            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                use std::io::ErrorKind::*;
-                matches!(
-                    io.kind(),
-                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-                )
-            })
-    })
-}
-
-/// Map a transport error without leaking the URL's query string.
-pub(crate) fn map_reqwest(e: reqwest::Error) -> Error {
-    let what = e.url().map(redact).unwrap_or_default();
-    // The innermost cause says what really happened (refused, reset, a TLS
-    // certificate problem); it is an I/O or rustls message, never a secret.
-    let causes = || std::iter::successors(std::error::Error::source(&e), |s| s.source());
-    let root = causes()
-        .last()
-        .map(|c| format!(": {c}"))
-        .unwrap_or_default();
-    let closed = connection_dropped(&e);
-    let refused = causes().find_map(|c| c.downcast_ref::<resolve::Refused>());
-    if let Some(refused) = refused {
-        // The SSRF guard's own refusal: an upstream failure, not a dead host.
-        Error::UpstreamFailed(format!("{what}: {refused}"))
-    } else if e.is_timeout() {
-        Error::UpstreamTimeout(Duration::ZERO)
-    } else if e.is_connect() {
-        Error::UpstreamUnreachable(format!("cannot connect to {what}{root}"))
-    } else if closed {
-        // A peer that accepts and drops connections is as dead as one that refuses them.
-        Error::UpstreamUnreachable(format!(
-            "connection to {what} closed before a complete response{root}"
-        ))
-    } else if e.is_redirect() {
-        Error::UpstreamFailed(format!("refused or too many redirects from {what}"))
-    } else {
-        Error::UpstreamFailed(format!("{what}: {}{root}", e.without_url()))
-    }
-}
-
-/// A URL fit for logs and error details: no query, no credentials.
-pub fn redact(url: &Url) -> String {
-    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
-    format!(
-        "{}://{}{port}{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.path()
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn private_addresses() {
-        let u = |s: &str| Url::parse(s).unwrap();
-        for p in [
-            "http://127.0.0.1/",
-            "http://10.1.2.3/",
-            "http://169.254.169.254/",
-            "http://[::1]/",
-            "http://localhost:5000/",
-            "http://[fe80::1]/",
-            "http://192.168.1.1/",
-            "http://[::ffff:127.0.0.1]/",
-            "http://[::ffff:169.254.169.254]/",
-            "http://[64:ff9b::a9fe:a9fe]/",
-            "http://100.100.100.200/",
-            "http://2130706433/",
-        ] {
-            assert!(url_is_private(&u(p)), "{p}");
-        }
-        for p in [
-            "https://registry-1.docker.io/",
-            "http://8.8.8.8/",
-            "http://[2001:db8::1]/",
-            "http://[::ffff:8.8.8.8]/",
-            "http://100.128.0.1/",
-        ] {
-            assert!(!url_is_private(&u(p)), "{p}");
-        }
-    }
-
-    #[test]
-    fn redaction_drops_queries() {
-        let u = Url::parse("https://auth.example/token?scope=x&password=y").unwrap();
-        assert_eq!(redact(&u), "https://auth.example/token");
     }
 }

@@ -20,13 +20,11 @@
 //! the target.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::Url;
-
-use super::is_private;
 
 /// A name that resolved only to private addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,9 +170,84 @@ impl Resolve for GuardedResolver {
     }
 }
 
+/// Whether `ip` is an address the SSRF guard refuses (loopback, private,
+/// link-local, shared, and IPv6 forms that reach them).
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                // Shared address space (RFC 6598): internal cloud services
+                // live there (Alibaba Cloud's metadata at 100.100.100.200).
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d)
+            // addresses reach the embedded IPv4 address.
+            let embedded = (s[..6] == [0, 0, 0, 0, 0, 0xffff]
+                || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0])
+            .then(|| {
+                let o = v6.octets();
+                std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15])
+            });
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || embedded.is_some_and(|v4| is_private(v4.into()))
+        }
+    }
+}
+
+/// Whether a URL names a private address or a localhost name.
+pub fn url_is_private(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => is_private(ip.into()),
+        Some(url::Host::Ipv6(ip)) => is_private(ip.into()),
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost")
+        }
+        None => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_addresses() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        for p in [
+            "http://127.0.0.1/",
+            "http://10.1.2.3/",
+            "http://169.254.169.254/",
+            "http://[::1]/",
+            "http://localhost:5000/",
+            "http://[fe80::1]/",
+            "http://192.168.1.1/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://100.100.100.200/",
+            "http://2130706433/",
+        ] {
+            assert!(url_is_private(&u(p)), "{p}");
+        }
+        for p in [
+            "https://registry-1.docker.io/",
+            "http://8.8.8.8/",
+            "http://[2001:db8::1]/",
+            "http://[::ffff:8.8.8.8]/",
+            "http://100.128.0.1/",
+        ] {
+            assert!(!url_is_private(&u(p)), "{p}");
+        }
+    }
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter()
