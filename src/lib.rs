@@ -146,7 +146,7 @@ pub async fn serve(
             }
         });
     }
-    admin::prefetch::spawn_schedule(&state, wait(rx.clone()));
+    admin::prefetch::start::spawn_schedule(&state, wait(rx.clone()));
     // The probe listener outlives the registry listener's drain, so that
     // probes see /readyz 503 (not a refused connection) until the end.
     let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();

@@ -29,7 +29,9 @@ fn main() {
         Command::Gc(a) => with_config(&a.serve, |c| admin::gc::run(c, &a.flags)),
         Command::Export(a) => with_config(&a.serve, |c| admin::bundle::export(c, &a.flags)),
         Command::Import(a) => with_config(&a.serve, |c| admin::bundle::import(c, &a.flags)),
-        Command::Prefetch(a) => with_config(&a.serve, |c| admin::prefetch::command(c, &a.flags)),
+        Command::Prefetch(a) => {
+            with_config(&a.serve, |c| admin::prefetch::start::command(c, &a.flags))
+        }
     };
     std::process::exit(code);
 }

@@ -23,23 +23,21 @@
 //!
 //! `berth prefetch` is the one-shot command (it refuses a cache a daemon
 //! holds: the daemon prefetches itself with `[prefetch] on_start` and
-//! `interval`); [`spawn_schedule`] is the daemon's side.
+//! `interval`); [`start::spawn_schedule`] is the daemon's side.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+pub mod start;
+
 use super::listing::{self, natural_cmp};
 use super::progress::Progress;
-use super::{init_logging, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK};
 use crate::cache::{Manifest, TagRecord};
-use crate::cli::PrefetchArgs;
-use crate::config::{parse_capacity, Capacity, Config};
+use crate::config::Config;
 use crate::error::Error;
 use crate::mirror::{BlobReply, CacheResult, Mirror, Tap};
 use crate::pins::{Rule, Rules};
@@ -150,15 +148,6 @@ struct Ctx {
     progress: Arc<Progress>,
 }
 
-/// `fut`, unless `cancel` fires first.
-async fn or_cancel<T>(cancel: &CancellationToken, fut: impl Future<Output = T>) -> Option<T> {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => None,
-        v = fut => Some(v),
-    }
-}
-
 /// Resolve the rules and fetch every image.
 pub async fn run(
     state: &AppState,
@@ -167,7 +156,10 @@ pub async fn run(
     progress: &Arc<Progress>,
 ) -> Outcome {
     let mut outcome = Outcome::default();
-    let targets = match or_cancel(cancel, resolve(state, opts, &mut outcome.failed)).await {
+    let targets = match cancel
+        .run_until_cancelled(resolve(state, opts, &mut outcome.failed))
+        .await
+    {
         Some(t) => t,
         None => {
             outcome.cancelled = true;
@@ -296,7 +288,8 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
         .cloned()
         .ok_or_else(|| Failure::Failed(format!("registry {} is not mirrored", t.registry)))?;
     let reference = Reference::Tag(t.tag.clone());
-    let head = or_cancel(cancel, mirror.head_tag(&up, &t.registry, &t.repo, &t.tag))
+    let head = cancel
+        .run_until_cancelled(mirror.head_tag(&up, &t.registry, &t.repo, &t.tag))
         .await
         .ok_or(Failure::Cancelled)?;
     let root = match head {
@@ -306,7 +299,8 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
         }
         // Registries that refuse HEAD or omit the digest: GET by tag.
         Ok(_) | Err(Error::UpstreamFailed(_)) => {
-            let m = or_cancel(cancel, Mirror::get_manifest(&up, &t.repo, &reference, None))
+            let m = cancel
+                .run_until_cancelled(Mirror::get_manifest(&up, &t.repo, &reference, None))
                 .await
                 .ok_or(Failure::Cancelled)??;
             (m, false)
@@ -410,7 +404,9 @@ async fn manifest(
     }
     let reference = Reference::Digest(d.clone());
     let get = Mirror::get_manifest(up, repo, &reference, Some(d));
-    let m = or_cancel(&ctx.cancel, get)
+    let m = ctx
+        .cancel
+        .run_until_cancelled(get)
         .await
         .ok_or(Failure::Cancelled)??;
     Ok((m, false))
@@ -423,7 +419,9 @@ async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Fa
     if mirror.cache.index.contains(&blob.digest) {
         return Ok(false);
     }
-    let _permit = or_cancel(&ctx.cancel, ctx.permits.clone().acquire_owned())
+    let _permit = ctx
+        .cancel
+        .run_until_cancelled(ctx.permits.clone().acquire_owned())
         .await
         .ok_or(Failure::Cancelled)?
         .map_err(|_| Failure::Cancelled)?;
@@ -448,7 +446,9 @@ async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Fa
         })),
     };
     let open = mirror.open_blob(&t.registry, &t.repo, &blob.digest, &tap);
-    let (reply, result) = or_cancel(&ctx.cancel, open)
+    let (reply, result) = ctx
+        .cancel
+        .run_until_cancelled(open)
         .await
         .ok_or(Failure::Cancelled)??;
     let flight = match reply {
@@ -457,7 +457,7 @@ async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Fa
         BlobReply::Full => return Err(Failure::Failed("the cache filesystem is full".to_string())),
     };
     let leader = result == CacheResult::Miss;
-    match or_cancel(&ctx.cancel, flight.finished()).await {
+    match ctx.cancel.run_until_cancelled(flight.finished()).await {
         None => Err(Failure::Cancelled),
         Some(Ok(size)) => {
             if !leader {
@@ -467,171 +467,4 @@ async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Fa
         }
         Some(Err(e)) => Err(e.into()),
     }
-}
-
-/// Start the daemon's prefetch: once at start (`on_start`) and every
-/// `interval`, until `stop` resolves. Does nothing without rules or a
-/// schedule.
-pub fn spawn_schedule(state: &AppState, stop: impl Future<Output = ()> + Send + 'static) {
-    let p = &state.config.prefetch;
-    let opts = Options::from_config(&state.config);
-    if opts.rules.is_empty() || (!p.on_start && p.interval.is_none()) {
-        return;
-    }
-    let (on_start, interval) = (p.on_start, p.interval);
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        stop.await;
-        c.cancel();
-    });
-    let st = state.clone();
-    tokio::spawn(async move {
-        let mut first = true;
-        loop {
-            if on_start || !first {
-                let started = Instant::now();
-                tracing::info!(rules = ?opts.rules, "prefetch starting");
-                let out = run(&st, &opts, &cancel, &Progress::quiet("prefetch")).await;
-                tracing::info!(
-                    images = out.fetched.len(),
-                    failed = out.failed.len(),
-                    cancelled = out.cancelled,
-                    elapsed = ?started.elapsed(),
-                    "prefetch finished"
-                );
-            }
-            first = false;
-            let Some(every) = interval else { break };
-            if or_cancel(&cancel, tokio::time::sleep(every))
-                .await
-                .is_none()
-            {
-                break;
-            }
-        }
-    });
-}
-
-/// `berth prefetch`: the one-shot command.
-pub fn command(config: Config, args: &PrefetchArgs) -> i32 {
-    let progress = Progress::new("prefetch", stderr_is_terminal());
-    init_logging(config.log_format, "info", progress.log_writer());
-    let opts = match options(args, &config) {
-        Ok(o) => o,
-        Err(e) => return super::fail(&e),
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let result = rt.block_on(oneshot(config, opts, progress.clone()));
-    rt.shutdown_timeout(Duration::from_secs(1));
-    progress.finish();
-    let out = match result {
-        Ok(o) => o,
-        Err(e) => return super::fail(&e),
-    };
-    for f in &out.failed {
-        println!("FAILED {}: {}", f.0, f.1);
-    }
-    let downloaded: usize = out.fetched.iter().map(|f| f.downloaded).sum();
-    println!(
-        "prefetched {} image(s), {} blob(s) downloaded, {} failed{}",
-        out.fetched.len(),
-        downloaded,
-        out.failed.len(),
-        if out.cancelled { "; interrupted" } else { "" }
-    );
-    if out.cancelled {
-        EXIT_INTERRUPTED
-    } else if !out.failed.is_empty() {
-        EXIT_FAILED
-    } else {
-        EXIT_OK
-    }
-}
-
-/// The command's options: the config's, overridden by flags.
-fn options(args: &PrefetchArgs, config: &Config) -> Result<Options, AdminError> {
-    let mut o = Options::from_config(config);
-    if o.rules.is_empty() {
-        return Err(AdminError::Usage(
-            "nothing to prefetch: add `[prefetch] images` or `pins` to the config, or pass --prefetch RULE".into(),
-        ));
-    }
-    if args.all_platforms {
-        o.platforms = vec!["all".into()];
-    } else if !args.platforms.is_empty() {
-        o.platforms = args.platforms.clone();
-    }
-    if let Some(c) = args.concurrency {
-        o.concurrency = c.clamp(1, 64);
-    }
-    if let Some(b) = &args.bandwidth {
-        o.bandwidth = match parse_capacity(b) {
-            Ok(Capacity::Bytes(b)) => Some(b),
-            _ => {
-                return Err(AdminError::Usage(format!(
-                    "--bandwidth {b:?}: expected a byte rate such as 20MiB (per second)"
-                )))
-            }
-        };
-    }
-    o.page_size = args.page_size.clamp(1, 10_000);
-    Ok(o)
-}
-
-async fn oneshot(
-    config: Config,
-    opts: Options,
-    progress: Arc<Progress>,
-) -> Result<Outcome, AdminError> {
-    let state = crate::build_state(config).map_err(|e| {
-        match e.downcast::<crate::cache::store::LockError>() {
-            Ok(l @ crate::cache::store::LockError::Busy(_)) => AdminError::Busy(
-                l,
-                ", or let the daemon prefetch: set `[prefetch] on_start = true` (and `interval`) in its config",
-            ),
-            Ok(l) => AdminError::Lock(l),
-            Err(e) => AdminError::Failed(format!("{e:#}")),
-        }
-    })?;
-    let cancel = CancellationToken::new();
-    let watcher = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            for n in 0.. {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                if n > 0 {
-                    eprintln!("berth: interrupted again; exiting now");
-                    std::process::exit(EXIT_INTERRUPTED);
-                }
-                tracing::warn!("stopping prefetch: abandoning downloads in progress");
-                cancel.cancel();
-            }
-        })
-    };
-    let out = run(&state, &opts, &cancel, &progress).await;
-    // Downloads this run started end promptly once cancelled; wait for them
-    // so that their temporary files are gone before the lock is released.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while state.mirror.cache.flights.in_flight() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if out.cancelled {
-        // The lock is ours: nothing else can be writing into tmp/.
-        let tmp = state.mirror.cache.store.root().join("tmp");
-        if let Ok(rd) = std::fs::read_dir(&tmp) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    watcher.abort();
-    Ok(out)
 }
