@@ -18,8 +18,9 @@
 //!   content on plain TCP ([`server::conn`]); idle and stalled connections
 //!   closed ([`server::watchdog`]).
 //! - [`upstream`]: reqwest clients per registry, bearer/basic auth
-//!   ([`upstream::auth`]), what a status means ([`upstream::answer`]), and a
-//!   filtering DNS resolver as the SSRF guard ([`upstream::resolve`]).
+//!   ([`upstream::auth`]), what a status means ([`upstream::answer`]),
+//!   transport errors and redaction ([`upstream::net`]), and a filtering DNS
+//!   resolver as the SSRF guard ([`upstream::resolve`]).
 //! - [`cache`]: the store on disk ([`cache::store`]), the LRU index
 //!   ([`cache::index`]), single-flight downloads with streaming followers
 //!   ([`cache::flight`]), which registries may read private content
@@ -28,7 +29,12 @@
 //!   revalidation, stale answers, manifest fetch-verify-store, blob hits,
 //!   downloads and relays, the private-content proof; used by the server
 //!   and by prefetch.
-//! - [`transfer`]: a blob body in transit and how to blame its source.
+//! - [`transfer`]: a blob body in transit, how to blame its source, and the
+//!   verifying stream of a relay.
+//!
+//! Layers point one way: server -> mirror -> {upstream, cache} ->
+//! {transfer, registry}; `tests/layers.sh` checks it and that no modules
+//! import each other.
 //! - [`coalesce`]: one upstream call for many identical concurrent requests.
 //! - [`state`]: the shared [`state::AppState`] (config + mirror + readiness).
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
