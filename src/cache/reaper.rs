@@ -10,7 +10,7 @@
 //! start indexes (and evicts if the cache is over capacity).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 
 use super::store::Store;
 use crate::registry::Digest;
@@ -23,7 +23,7 @@ enum Job {
 /// Queue of evicted blobs to unlink, drained by one background thread
 /// that lives as long as the queue.
 pub struct Reaper {
-    tx: Mutex<mpsc::Sender<Job>>,
+    tx: mpsc::Sender<Job>,
     evictions: Arc<AtomicU64>,
 }
 
@@ -50,26 +50,18 @@ impl Reaper {
             // blobs stay on disk until the next start's scan finds them.
             tracing::error!(%error, "could not start the eviction thread");
         }
-        Reaper {
-            tx: Mutex::new(tx),
-            evictions,
-        }
+        Reaper { tx, evictions }
     }
 
     /// Queue an evicted blob for removal (never blocks on I/O).
     pub fn evicted(&self, digest: Digest, ino: u64, size: u64) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = tx.send(Job::Unlink { digest, ino, size });
+        let _ = self.tx.send(Job::Unlink { digest, ino, size });
     }
 
     /// Wait until every removal queued so far is done (tests, shutdown).
     pub fn flush(&self) {
         let (done, wait) = mpsc::sync_channel(1);
-        let sent = {
-            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            tx.send(Job::Flush(done)).is_ok()
-        };
-        if sent {
+        if self.tx.send(Job::Flush(done)).is_ok() {
             let _ = wait.recv();
         }
     }
