@@ -168,10 +168,6 @@ impl Mirror {
             .ok_or_else(|| Error::UpstreamFailed("blob size unknown".into()))?;
         let range = range.unwrap_or(0..size);
         let want = range.end - range.start;
-        self.metrics
-            .served_bytes
-            .with_label_values(&["upstream"])
-            .inc_by(want);
         let verify = (range.start == 0 && range.end == size).then(|| d.clone());
         Ok(Relayed {
             size,

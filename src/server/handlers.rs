@@ -170,11 +170,7 @@ pub async fn blob(
             // A hit: a slice of the mapped file, no copy.
             let size = bytes.len() as u64;
             let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
-            mirror
-                .metrics
-                .served_bytes
-                .with_label_values(&["cache"])
-                .inc_by(end - start);
+            count_served(state, "cache", end - start);
             let body = response::content(
                 bytes.slice(start as usize..end as usize),
                 quarantine_on_poison(state, d),
@@ -184,11 +180,7 @@ pub async fn blob(
         BlobReply::Flight { flight, size } => (size, flight),
     };
     let (b, start, end) = ranged(t, d, parse_range(range_header, size)?, size);
-    mirror
-        .metrics
-        .served_bytes
-        .with_label_values(&["upstream"])
-        .inc_by(end - start);
+    count_served(state, "upstream", end - start);
     let follower = matches!(result, CacheResult::Coalesced)
         .then(|| GaugeGuard::new(&mirror.metrics.followers));
     let stream = flight.read(start, end).map_ok(move |b| {
@@ -200,6 +192,12 @@ pub async fn blob(
         quarantine_on_poison(state, d),
     ));
     Ok(with_result(b.body(body).expect("blob response"), result))
+}
+
+/// Content bytes a blob response sends, by source (cache|upstream).
+fn count_served(state: &AppState, source: &str, bytes: u64) {
+    let served = &state.mirror.metrics.served_bytes;
+    served.with_label_values(&[source]).inc_by(bytes);
 }
 
 /// A blob relayed from upstream without caching (the cache filesystem is
@@ -222,7 +220,8 @@ async fn relay(
     let relayed = mirror
         .relay_blob(&t.registry, &t.repo, d, span, size)
         .await?;
-    let (b, _, _) = ranged(t, d, range, relayed.size);
+    let (b, start, end) = ranged(t, d, range, relayed.size);
+    count_served(state, "upstream", end - start);
     let frames = relayed.stream.map(|r| r.map(Frame::data));
     let body = BodyExt::boxed_unsync(StreamBody::new(frames));
     Ok(with_result(
