@@ -165,7 +165,9 @@ pub async fn serve(
             .await
         })
     });
+    let flights = state.mirror.cache.flights.clone();
     server::run(listener, state, server::Role::Registry, wait(rx)).await;
+    flights.verified_published(server::SHUTDOWN_GRACE).await;
     let _ = drained_tx.send(());
     if let Some(m) = metrics {
         let _ = m.await;

@@ -1,7 +1,9 @@
 //! The download itself: pump the upstream body (resuming with Range,
 //! moving to the next endpoint on a mismatch within the verification hold,
-//! or on a trickle below the minimum rate) into a blocking writer thread
-//! that hashes and appends to the temporary file; then verify and publish.
+//! or on a trickle below the minimum rate) into two blocking threads, one
+//! appending to the temporary file and one hashing, so that hashing runs
+//! beside the write and the client's transfer, never in front of them.
+//! Then verify (readers get the last byte), fsync, and publish.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -71,6 +73,12 @@ pub enum State {
         /// Bytes written so far.
         written: u64,
     },
+    /// Every byte written and the digest matched: readers may take the
+    /// last byte. Not yet durable nor published (the fsync runs now).
+    Verified {
+        /// Total size.
+        size: u64,
+    },
     /// Verified and published.
     Done {
         /// Total size.
@@ -126,20 +134,36 @@ pub(super) async fn run(
         // download instead of buffering it in memory.
         let (tx, rx) = mpsc::channel::<Msg>(16);
         let writer = {
-            let (file, state, expected) = (file.clone(), state.clone(), digest.clone());
-            let released = released.clone();
-            tokio::task::spawn_blocking(move || write_loop(rx, &file, &state, &expected, &released))
+            let (file, state, released) = (file.clone(), state.clone(), released.clone());
+            tokio::task::spawn_blocking(move || write_loop(rx, &file, &state, &released))
         };
+        // The hasher gets the same buffers (reference-counted, not copied).
+        let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(16);
+        let hasher = tokio::task::spawn_blocking(move || hash_loop(hash_rx));
         let mut sources = Vec::new();
-        let pumped = pump(&mut opener, &tx, publish, &mut reservation, &mut sources).await;
+        let pipes = Pipes {
+            writer: &tx,
+            hasher: &hash_tx,
+        };
+        let pumped = pump(&mut opener, pipes, publish, &mut reservation, &mut sources).await;
         let _ = match &pumped {
             Ok(()) => tx.send(Msg::Finish).await,
             Err(_) => Ok(()),
         };
-        drop(tx);
+        drop((tx, hash_tx));
         let written = writer
             .await
             .map_err(|e| Error::Internal(format!("writer task: {e}")))?;
+        let actual = hasher
+            .await
+            .map_err(|e| Error::Internal(format!("hasher task: {e}")))?;
+        let written = written.and_then(|n| match &actual == digest {
+            true => Ok(n),
+            false => Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            }),
+        });
         // A local write failure (disk full) is the real cause even if the pump
         // then saw the writer go away.
         match (pumped, written) {
@@ -163,6 +187,16 @@ pub(super) async fn run(
             (Ok(()), Ok(size)) => break size,
         }
     };
+    // The hash proves the bytes: every reader may now take the last one. The
+    // fsync below only decides whether the cache keeps them, so no client
+    // waits for it; a crash before the rename leaves only a file in tmp/,
+    // which start-up removes (README "Crash safety").
+    state.send_replace(State::Verified { size });
+    let synced = file.clone();
+    tokio::task::spawn_blocking(move || synced.sync_data())
+        .await
+        .map_err(|e| Error::Internal(format!("fsync task: {e}")))??;
+    fault_point_before_publish().await;
     if let Some(p) = pending {
         // The record is durable before the blob is visible.
         let (prov, p) = (publish.provenance.clone(), p.clone());
@@ -240,11 +274,31 @@ impl Rate {
     }
 }
 
-/// Move upstream bytes into the writer, resuming broken and trickling
-/// bodies; every body used is kept in `sources` (to blame on a mismatch).
+/// Where the pump sends each chunk: the file writer and the hasher.
+#[derive(Clone, Copy)]
+struct Pipes<'a> {
+    writer: &'a mpsc::Sender<Msg>,
+    hasher: &'a mpsc::Sender<Bytes>,
+}
+
+impl Pipes<'_> {
+    async fn send(&self, msg: Msg) -> Result<(), Error> {
+        if let Msg::Data(chunk) = &msg {
+            self.hasher
+                .send(chunk.clone())
+                .await
+                .map_err(|_| gone("hasher"))?;
+        }
+        self.writer.send(msg).await.map_err(|_| gone("writer"))
+    }
+}
+
+/// Move upstream bytes into the writer and the hasher, resuming broken and
+/// trickling bodies; every body used is kept in `sources` (to blame on a
+/// mismatch).
 async fn pump(
     opener: &mut Opener,
-    tx: &mpsc::Sender<Msg>,
+    tx: Pipes<'_>,
     publish: &Publish,
     reservation: &mut Option<Reservation>,
     sources: &mut Vec<Body>,
@@ -256,11 +310,11 @@ async fn pump(
         *reservation = size.map(|s| publish.index.reserve(s));
     }
     if let Some(s) = size {
-        tx.send(Msg::Size(s)).await.map_err(|_| writer_gone())?;
+        tx.send(Msg::Size(s)).await?;
     }
     sources.push(body);
-    let mut hold =
-        (!policy.verify_hold.is_zero()).then(|| tokio::time::Instant::now() + policy.verify_hold);
+    let started = tokio::time::Instant::now();
+    let mut hold = (!policy.verify_hold.is_zero()).then(|| started + policy.verify_hold);
     let mut rate = Rate::new(policy);
     let mut received = 0u64;
     let mut resumes = 0u32;
@@ -274,9 +328,11 @@ async fn pump(
             Some(at) => tokio::time::timeout_at(at, body.stream.next()).await.ok(),
             None => Some(body.stream.next().await),
         };
-        if hold.is_some_and(|h| tokio::time::Instant::now() >= h) {
+        if hold.is_some_and(|h| {
+            tokio::time::Instant::now() >= h || outlasts(started, h, received, size)
+        }) {
             hold = None;
-            tx.send(Msg::Release).await.map_err(|_| writer_gone())?;
+            tx.send(Msg::Release).await?;
         }
         let broken = match next {
             // A timer fired: only the rate window may be over.
@@ -289,7 +345,7 @@ async fn pump(
                         "upstream sent more bytes than its Content-Length".into(),
                     ));
                 }
-                tx.send(Msg::Data(chunk)).await.map_err(|_| writer_gone())?;
+                tx.send(Msg::Data(chunk)).await?;
                 None
             }
             Some(Some(Err(e))) => Some(e),
@@ -326,40 +382,56 @@ async fn pump(
     }
 }
 
-fn writer_gone() -> Error {
-    Error::Internal("cache writer stopped".into())
+/// Whether a download that started at `start` and has `received` of `size`
+/// bytes will still be running when the hold ends at `until`. Then the hold
+/// cannot verify it before its first byte leaves and would only delay every
+/// reader, so it ends at once and the bytes stream while they arrive.
+fn outlasts(
+    start: tokio::time::Instant,
+    until: tokio::time::Instant,
+    received: u64,
+    size: Option<u64>,
+) -> bool {
+    let now = tokio::time::Instant::now();
+    let (Some(size), elapsed) = (size, now - start) else {
+        return false;
+    };
+    // Trust the rate only after a tenth of the hold.
+    if received == 0 || elapsed < (until - start) / 10 {
+        return false;
+    }
+    start + elapsed.mul_f64(size as f64 / received as f64) > until
 }
 
-/// Blocking side: hash, write, announce progress; verify at the end.
-/// Until `released`, readers are told nothing is written yet.
+fn gone(what: &str) -> Error {
+    Error::Internal(format!("cache {what} stopped"))
+}
+
+/// Blocking side: write and announce progress. Until `released`, readers
+/// are told nothing is written yet. Verification is [`hash_loop`]'s.
 fn write_loop(
     mut rx: mpsc::Receiver<Msg>,
     file: &File,
     state: &watch::Sender<State>,
-    expected: &Digest,
     released: &AtomicBool,
 ) -> Result<u64, Error> {
-    let mut hasher = Digester::default();
     let mut size = None;
     let mut written = 0u64;
-    let visible = |written: u64| {
-        if released.load(Ordering::Acquire) {
-            written
-        } else {
-            0
-        }
-    };
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Size(s) => {
                 size = Some(s);
+                let visible = if released.load(Ordering::Acquire) {
+                    written
+                } else {
+                    0
+                };
                 state.send_replace(State::Streaming {
                     size: s,
-                    written: visible(written),
+                    written: visible,
                 });
             }
             Msg::Data(chunk) => {
-                hasher.update(&chunk);
                 // Positional: the file is shared with readers and sendfile,
                 // and the append-only rule must not depend on its offset.
                 file.write_all_at(&chunk, written)?;
@@ -374,25 +446,33 @@ fn write_loop(
                     state.send_replace(State::Streaming { size: s, written });
                 }
             }
-            Msg::Finish => {
-                file.sync_data()?;
-                let actual = hasher.finish();
-                if &actual != expected {
-                    return Err(Error::DigestMismatch {
-                        expected: expected.to_string(),
-                        actual: actual.to_string(),
-                    });
-                }
-                if size.is_none() {
-                    // Unknown length: readers saw nothing yet; they get it all at Done.
-                    state.send_replace(State::Streaming {
-                        size: written,
-                        written,
-                    });
-                }
-                return Ok(written);
-            }
+            // Unknown length: readers saw nothing yet; they get it all once
+            // verified.
+            Msg::Finish => return Ok(written),
         }
     }
     Err(Error::UpstreamFailed("download aborted".into()))
+}
+
+/// Blocking side: the sha256 of every chunk, in order.
+fn hash_loop(mut rx: mpsc::Receiver<Bytes>) -> Digest {
+    let mut hasher = Digester::default();
+    while let Some(chunk) = rx.blocking_recv() {
+        hasher.update(&chunk);
+    }
+    hasher.finish()
+}
+
+/// Test builds only: `BERTH_FAULT_PAUSE_BEFORE_PUBLISH_MS` holds a verified,
+/// fsynced download before its rename, so the crash tests can kill berth
+/// after a client got the last byte and before the blob is published.
+async fn fault_point_before_publish() {
+    if cfg!(debug_assertions) {
+        if let Some(ms) = std::env::var("BERTH_FAULT_PAUSE_BEFORE_PUBLISH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
 }

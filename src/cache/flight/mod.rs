@@ -3,8 +3,9 @@
 //! The first request for a missing blob starts one detached fetch task
 //! (the *flight*); it does not belong to any client, so it finishes for the
 //! others when the client that started it goes away. The task streams the
-//! upstream body into a temporary file, hashing as it goes, on a blocking
-//! writer thread fed through a bounded channel (network and disk overlap).
+//! upstream body into a temporary file on a blocking writer thread, and
+//! hashes it on a second one, both fed through bounded channels (network,
+//! disk and hashing overlap).
 //! After every write it publishes the new length on a `watch` channel.
 //!
 //! Every client, the first one included, is a *reader* of the growing file:
@@ -27,7 +28,12 @@
 //! any later answer until containerd's garbage collector drops that ingest.
 //! Past the hold, bytes stream as they arrive (a large blob on a slow link
 //! must make progress), and a mismatch aborts the readers; the endpoint that
-//! served the bytes is then asked last for that blob.
+//! served the bytes is then asked last for that blob. A download whose rate
+//! (sampled over the first tenth of the hold) shows it will outlast the hold
+//! is released at once: the hold could not verify it first, only delay it.
+//!
+//! The last byte leaves as soon as the sha256 matched; the fsync and the
+//! rename into the cache follow without any client waiting for them.
 //!
 //! If the upstream body breaks, the fetch resumes with `Range: bytes=N-`
 //! (bounded attempts) and readers do not notice. A body that trickles below
@@ -80,7 +86,9 @@ impl Flight {
         loop {
             match &*rx.borrow_and_update() {
                 State::Connecting => {}
-                State::Streaming { size, .. } | State::Done { size } => return Ok(*size),
+                State::Streaming { size, .. } | State::Verified { size } | State::Done { size } => {
+                    return Ok(*size)
+                }
                 State::Failed(e) => return Err(e.clone()),
             }
             if rx.changed().await.is_err() {
@@ -117,6 +125,7 @@ impl Flight {
             pos: start,
             end,
             mapped: None,
+            verified: None,
         };
         futures_util::stream::unfold(reader, |mut r| async move {
             match r.next_chunk().await {
@@ -125,6 +134,7 @@ impl Flight {
                 Err(e) => {
                     // End the stream after the error.
                     r.state = watch::channel(State::Done { size: 0 }).1;
+                    r.verified = None;
                     Some((Err(e), r))
                 }
             }
@@ -139,17 +149,25 @@ struct Reader {
     end: u64,
     /// The file mapped at its final size; only written bytes are sliced.
     mapped: Option<super::mmap::Growing>,
+    /// The size, once the bytes were verified.
+    verified: Option<u64>,
 }
 
 impl Reader {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, std::io::Error> {
         loop {
-            let state = self.state.borrow_and_update().clone();
+            // Once verified, the bytes are final whatever happens to the
+            // flight after (a failed fsync only keeps them out of the cache).
+            let state = match self.verified {
+                Some(size) => State::Verified { size },
+                None => self.state.borrow_and_update().clone(),
+            };
             let limit = match state {
                 State::Failed(e) => {
                     return Err(std::io::Error::other(format!("upstream fetch failed: {e}")))
                 }
-                State::Done { size } => {
+                State::Verified { size } | State::Done { size } => {
+                    self.verified = Some(size);
                     let limit = size.min(self.end);
                     if self.pos >= limit {
                         return Ok(None);
@@ -169,7 +187,9 @@ impl Reader {
                 // the file, no copy (see the growing-file rule in cache::mmap).
                 if self.mapped.is_none() {
                     self.mapped = Some(match state {
-                        State::Done { size } | State::Streaming { size, .. } => {
+                        State::Done { size }
+                        | State::Verified { size }
+                        | State::Streaming { size, .. } => {
                             super::mmap::map_growing(self.file.clone(), size)?
                         }
                         _ => unreachable!("nothing to read before the size is known"),
@@ -299,6 +319,31 @@ impl Flights {
     /// The flight for `digest`, if one is running.
     pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
         self.map.lock().expect("flights lock").get(digest).cloned()
+    }
+
+    /// Wait, at most `limit`, until every download whose bytes are all
+    /// verified is published. A client has its last byte before that (the
+    /// fsync and rename follow it), so a graceful stop right after a pull
+    /// must not drop the blob on the floor.
+    pub async fn verified_published(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let verified: Vec<Arc<Flight>> = (self.map.lock().expect("flights lock").values())
+                .filter(|f| matches!(*f.state.borrow(), State::Verified { .. }))
+                .cloned()
+                .collect();
+            if verified.is_empty() {
+                return;
+            }
+            for f in verified {
+                if tokio::time::timeout_at(deadline, f.finished())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
     }
 
     /// Downloads in progress.

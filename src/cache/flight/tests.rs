@@ -116,6 +116,64 @@ async fn a_mismatch_after_the_hold_fails_the_readers_and_blames_the_source() {
     assert!(!cache.index.contains(&digest));
 }
 
+/// A download whose rate shows it cannot finish within the hold streams at
+/// once: holding it could verify nothing and would only delay its readers.
+#[tokio::test(start_paused = true)]
+async fn a_download_that_will_outlast_the_hold_is_released_early() {
+    let hold = Duration::from_secs(60);
+    let (_dir, cache) = cache(Policy {
+        verify_hold: hold,
+        min_rate: 0,
+        ..Policy::default()
+    });
+    let blob = pseudo(1 << 20);
+    let digest = Digest::of(&blob);
+    let b = Bytes::from(blob);
+    let opener: Opener = Box::new(move |_| {
+        let b = b.clone();
+        Box::pin(async move {
+            // 64 KiB now, 64 KiB ten seconds later, then a stall: at this
+            // rate the 1 MiB blob needs 80 s, longer than the 60 s hold.
+            let (first, second) = (b.slice(..64 << 10), b.slice(64 << 10..128 << 10));
+            let stream = futures_util::stream::iter([Ok(first)])
+                .chain(futures_util::stream::once(async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    Ok(second)
+                }))
+                .chain(futures_util::stream::pending())
+                .boxed();
+            Ok(Body {
+                size: Some(b.len() as u64),
+                stream,
+                blame: None,
+            })
+        })
+    });
+    let start = tokio::time::Instant::now();
+    let f = leader(cache.flights.join(&digest, publish(&cache), || opener));
+    let size = f.size().await.unwrap();
+    let mut s = std::pin::pin!(f.read(0, size));
+    // The clock does not advance by itself while the writer and hasher
+    // threads run: move it past the second chunk by hand, never to the hold.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let real = std::time::Instant::now();
+    let first = loop {
+        if let Some(item) = futures_util::FutureExt::now_or_never(s.next()) {
+            break item.unwrap().unwrap();
+        }
+        assert!(
+            real.elapsed() < Duration::from_secs(30),
+            "no byte was released before the hold ended"
+        );
+        // Let the pump run, and the writer thread some real time.
+        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(5)))
+            .await
+            .unwrap();
+    };
+    assert!(!first.is_empty() && first.len() <= 128 << 10);
+    assert!(start.elapsed() < hold);
+}
+
 #[tokio::test]
 async fn a_trickling_body_moves_on_after_the_rate_window() {
     let (_dir, cache) = cache(Policy {
