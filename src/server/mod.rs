@@ -33,9 +33,6 @@ use watchdog::{Activity, Tracked, Verdict};
 
 /// Most connections served at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
-/// A client must send its request headers within this time (slow-loris
-/// guard); the default of `--header-timeout`.
-pub const HEADER_READ_TIMEOUT: Duration = crate::config::DEFAULT_HEADER_TIMEOUT;
 /// How long an idle connection's graceful close may take.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight responses.
