@@ -380,21 +380,11 @@ impl Cache {
         tag: &Tag,
         rec: TagRecord,
     ) -> Result<()> {
-        match self.store_tag(registry, repo, tag, rec) {
-            Err(Error::Io(e)) if self.store.note_write_error(&e) => Ok(()),
-            other => other,
-        }
-    }
-
-    fn store_tag(
-        &self,
-        registry: &RegistryHost,
-        repo: &Repository,
-        tag: &Tag,
-        rec: TagRecord,
-    ) -> Result<()> {
         let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Internal(e.to_string()))?;
-        self.store.write_tag(registry, repo, tag, &bytes)?;
+        match self.store.write_tag(registry, repo, tag, &bytes) {
+            Err(e) if self.store.note_write_error(&e) => return Ok(()),
+            written => written?,
+        }
         if self.pins.matches(registry, repo.as_str(), tag.as_str()) {
             if let Some(d) = rec.digest() {
                 self.index.pin(closure(&self.store, vec![d]));
