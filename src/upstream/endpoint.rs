@@ -94,9 +94,11 @@ impl Endpoint {
             )))
             .use_rustls_tls();
         let ctx = format!("registry {} endpoint {}", host, redact(&ep.url));
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| ConfigError(format!("{ctx}: {}: {e}", path.display())))
+        };
         if let Some(ca) = &ep.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| ConfigError(format!("{ctx}: {}: {e}", ca.display())))?;
+            let pem = read(ca)?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 ConfigError(format!(
                     "{ctx}: {}: not a PEM CA bundle ({e})",
@@ -114,13 +116,9 @@ impl Endpoint {
             }
         }
         if let Some((cert, key)) = &ep.client_identity {
-            let mut pem = std::fs::read(cert)
-                .map_err(|e| ConfigError(format!("{ctx}: {}: {e}", cert.display())))?;
+            let mut pem = read(cert)?;
             pem.push(b'\n');
-            pem.extend(
-                std::fs::read(key)
-                    .map_err(|e| ConfigError(format!("{ctx}: {}: {e}", key.display())))?,
-            );
+            pem.extend(read(key)?);
             let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
                 ConfigError(format!("{ctx}: client certificate/key unusable ({e})"))
             })?;
