@@ -456,44 +456,29 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::load(&args(), Some("listen_addr = \"x\""), None).unwrap_err();
-        assert!(e.0.contains("listen_addr"), "{e}");
-        let e = Config::load(
-            &args(),
-            Some("[registries.\"docker.io\"]\nusr = \"x\""),
-            None,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("usr"), "{e}");
+        refused(None, Some("listen_addr = \"x\""), "listen_addr");
+        refused(None, Some("[registries.\"docker.io\"]\nusr = \"x\""), "usr");
+    }
+
+    /// Loading `upstreams` flags and `file` fails with an error naming `what`.
+    fn refused(upstreams: Option<&str>, file: Option<&str>, what: &str) {
+        let mut a = args();
+        a.upstreams = upstreams.into_iter().map(Into::into).collect();
+        let e = Config::load(&a, file, None).unwrap_err();
+        assert!(e.0.contains(what), "{e}");
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let mut a = args();
-        a.upstreams = vec!["docker.io".into()];
-        assert!(Config::load(&a, None, None)
-            .unwrap_err()
-            .0
-            .contains("REGISTRY=URL"));
-        a.upstreams = vec!["docker.io=ftp://x".into()];
-        assert!(Config::load(&a, None, None)
-            .unwrap_err()
-            .0
-            .contains("scheme"));
-        let e = Config::load(
-            &args(),
+        refused(Some("docker.io"), None, "REGISTRY=URL");
+        refused(Some("docker.io=ftp://x"), None, "scheme");
+        refused(
+            None,
             Some("[registries.\"new.io\"]\ninsecure = true"),
-            None,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("url"), "{e}");
-        let e = Config::load(
-            &args(),
-            Some("[registries.\"docker.io\"]\nusername = \"u\""),
-            None,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("password"), "{e}");
+            "url",
+        );
+        let file = "[registries.\"docker.io\"]\nusername = \"u\"";
+        refused(None, Some(file), "password");
         let mut a = args();
         a.default_registry = Some("nope.io".into());
         assert!(Config::load(&a, None, None).is_err());

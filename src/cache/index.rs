@@ -387,16 +387,28 @@ impl Index {
 mod tests {
     use super::*;
 
-    #[test]
-    fn evicts_least_recent_and_unlinks() {
+    /// An index of `capacity` bytes over a fresh store.
+    fn setup(capacity: u64) -> (tempfile::TempDir, Arc<Store>, Arc<Index>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(10 * 1024, store.clone()));
+        let index = Arc::new(Index::new(capacity, store.clone()));
+        (dir, store, index)
+    }
+
+    /// Publish 4 KiB of byte `i`: its digest and inode.
+    fn put(store: &Store, i: u8) -> (Digest, u64) {
+        let body = vec![i; 4096];
+        let d = Digest::of(&body);
+        let ino = store.publish_bytes(&d, &body).unwrap();
+        (d, ino)
+    }
+
+    #[test]
+    fn evicts_least_recent_and_unlinks() {
+        let (_dir, store, index) = setup(10 * 1024);
         let mut ds = Vec::new();
         for i in 0..3u8 {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
+            let (d, ino) = put(&store, i);
             index.insert(d.clone(), 4096, ino);
             ds.push(d);
             if i == 1 {
@@ -416,16 +428,12 @@ mod tests {
 
     #[test]
     fn a_download_reservation_is_never_the_lru_victim() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(40 * 1024, store.clone()));
+        let (_dir, store, index) = setup(40 * 1024);
         // A large download in flight holds 16 KiB.
         let r = index.reserve(16 * 1024);
         let mut ds = Vec::new();
         for i in 0..12u8 {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
+            let (d, ino) = put(&store, i);
             index.insert(d.clone(), 4096, ino);
             ds.push(d);
             // Hits keep the published entries warmer than the reservation.
@@ -453,15 +461,8 @@ mod tests {
 
     #[test]
     fn pinned_content_is_never_evicted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(12 * 1024, store.clone()));
-        let put = |i: u8| {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
-            (d, ino)
-        };
+        let (_dir, store, index) = setup(12 * 1024);
+        let put = |i| put(&store, i);
         let (p, ino) = put(0);
         index.pin([p.clone()]);
         index.insert(p.clone(), 4096, ino);
@@ -486,15 +487,8 @@ mod tests {
 
     #[test]
     fn pinned_space_is_counted_once_and_never_the_lru_victim() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(16 * 1024, store.clone()));
-        let put = |i: u8| {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
-            (d, ino)
-        };
+        let (_dir, store, index) = setup(16 * 1024);
+        let put = |i| put(&store, i);
         let ((p1, i1), (p2, i2)) = (put(0), put(1));
         index.pin([p1.clone(), p2.clone()]);
         index.insert(p1, 4096, i1);
@@ -516,12 +510,8 @@ mod tests {
 
     #[test]
     fn reservations_make_room_and_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(8 * 1024, store.clone()));
-        let body = vec![1u8; 4096];
-        let d = Digest::of(&body);
-        let ino = store.publish_bytes(&d, &body).unwrap();
+        let (_dir, store, index) = setup(8 * 1024);
+        let (d, ino) = put(&store, 1);
         index.insert(d.clone(), 4096, ino);
         {
             let _r = index.reserve(6 * 1024);

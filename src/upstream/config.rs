@@ -505,41 +505,31 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let e = parse(
-            "[registries.\"docker.io\"]\npassword_env = \"NOPE\"\nusername = \"u\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("NOPE"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\norigin_fallback = false\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("required"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\nurl = \"http://a\"\nbandwidth = \"50%\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("bandwidth"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\nurl = \"http://a\"\nclient_cert = \"/nonexistent\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("client_cert"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\n[[registries.\"x.io\".endpoints]]\nurll = \"http://a\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("urll"), "{e}");
+        for (text, named) in [
+            (
+                "[registries.\"docker.io\"]\npassword_env = \"NOPE\"\nusername = \"u\"\n",
+                "NOPE",
+            ),
+            (
+                "[registries.\"x.io\"]\norigin_fallback = false\n",
+                "required",
+            ),
+            (
+                "[registries.\"x.io\"]\nurl = \"http://a\"\nbandwidth = \"50%\"\n",
+                "bandwidth",
+            ),
+            (
+                "[registries.\"x.io\"]\nurl = \"http://a\"\nclient_cert = \"/nonexistent\"\n",
+                "client_cert",
+            ),
+            (
+                "[registries.\"x.io\"]\n[[registries.\"x.io\".endpoints]]\nurll = \"http://a\"\n",
+                "urll",
+            ),
+        ] {
+            let e = parse(text, &[], &no_env).unwrap_err();
+            assert!(e.0.contains(named), "{e}");
+        }
     }
 
     #[test]
