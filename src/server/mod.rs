@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -228,7 +228,7 @@ where
 /// call it without sockets (request bodies are never read).
 pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
-    let head = handlers::is_head(&req);
+    let head = req.method() == Method::HEAD;
     let mirrored = |h: &crate::registry::RegistryHost| state.mirror.upstreams.get(h).is_some();
     let regs = Registries {
         default: &state.config.default_registry,
