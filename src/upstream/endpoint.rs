@@ -534,17 +534,14 @@ impl Endpoint {
                 Error::BlobUnknown(digest.to_string())
             }));
         }
-        let from_range = resp
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_content_range)
-            .and_then(|(_, total)| total);
-        let header_len = content_length(resp.headers());
+        let h = resp.headers();
         let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
-            from_range
+            let range = h.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
+            range
+                .and_then(parse_content_range)
+                .and_then(|(_, total)| total)
         } else {
-            header_len
+            content_length(h)
         };
         // Dropping a GET response closes its connection: nothing more is downloaded.
         size.ok_or_else(|| Error::UpstreamFailed("blob size unknown (no Content-Length)".into()))
