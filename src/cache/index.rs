@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -26,7 +26,7 @@ use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::reaper::Reaper;
-use super::store::{Scanned, Store};
+use super::store::{unix_secs, Scanned, Store};
 use crate::registry::Digest;
 
 /// Index key: published content, or space held for a download.
@@ -51,7 +51,7 @@ impl Entry {
     /// Whether the on-disk recency should be refreshed now (at most once a
     /// minute per entry, to keep hits free of metadata writes).
     pub fn should_touch(&self) -> bool {
-        let now = unix_now();
+        let now = unix_secs(SystemTime::now());
         let last = self.touched.load(Ordering::Relaxed);
         now >= last + 60
             && self
@@ -99,13 +99,6 @@ impl Drop for Reservation {
             .remove(&self.id);
         self.index.entries.invalidate(&Key::Reservation(self.id));
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// moka weighs in u32; weigh in KiB so a single entry can be up to 4 TiB.
@@ -225,7 +218,7 @@ impl Index {
                     Arc::new(Entry {
                         size: s.size,
                         ino: s.ino,
-                        touched: AtomicU64::new(unix_now()),
+                        touched: AtomicU64::new(unix_secs(SystemTime::now())),
                     }),
                 )
             })
@@ -233,11 +226,7 @@ impl Index {
         self.pinned.store(Arc::new(pinned));
         self.set_pins(pins);
         for s in rest {
-            let touched = s
-                .last_used
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let touched = unix_secs(s.last_used);
             self.entries.insert(
                 Key::Blob(s.digest),
                 Arc::new(Entry {
@@ -268,7 +257,7 @@ impl Index {
         let e = Arc::new(Entry {
             size,
             ino,
-            touched: AtomicU64::new(unix_now()),
+            touched: AtomicU64::new(unix_secs(SystemTime::now())),
         });
         if self.is_pinned(&d) {
             let _g = self.pin_update.lock().expect("pin lock");

@@ -10,7 +10,7 @@ pub mod reaper;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ use crate::registry::{Digest, RegistryHost, Repository, Tag};
 use flight::Flights;
 use index::Index;
 use provenance::{Origin, Provenance};
-use store::Store;
+use store::{unix_ms, unix_secs, Store};
 
 /// A manifest ready to serve.
 #[derive(Debug, Clone)]
@@ -70,13 +70,6 @@ impl TagRecord {
     pub fn digest(&self) -> Option<Digest> {
         self.digest.parse().ok()
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 type TagKey = (RegistryHost, Repository, Tag);
@@ -400,11 +393,7 @@ impl Cache {
         if retention.is_zero() {
             return (0, 0);
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let before = now.saturating_sub(retention.as_secs());
+        let before = unix_secs(SystemTime::now()).saturating_sub(retention.as_secs());
         let (mut n, mut bytes) = (0, 0);
         for (d, size, ino) in self.index.unused_since(before) {
             self.index.remove(&d);

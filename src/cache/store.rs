@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::registry::{Digest, RegistryHost, Repository, Tag};
 
@@ -133,7 +133,7 @@ impl Store {
     pub fn note_write_error(&self, e: &io::Error) -> bool {
         let full = is_out_of_space(e);
         if full && !self.full.swap(true, Ordering::Relaxed) {
-            self.full_checked.store(now_ms(), Ordering::Relaxed);
+            self.full_checked.store(unix_ms(), Ordering::Relaxed);
             tracing::warn!(dir = %self.root.display(), "cache filesystem is full: serving misses without caching until space returns");
         }
         full
@@ -148,7 +148,7 @@ impl Store {
         if !self.full.load(Ordering::Relaxed) {
             return false;
         }
-        let now = now_ms();
+        let now = unix_ms();
         let last = self.full_checked.load(Ordering::Relaxed);
         if now >= last + FULL_RECHECK_MS
             && self
@@ -463,7 +463,7 @@ impl Store {
                     digest,
                     size: md.len(),
                     ino: md.ino(),
-                    last_used: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    last_used: md.modified().unwrap_or(UNIX_EPOCH),
                 });
             }
         }
@@ -512,11 +512,15 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
     )
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH);
+    since.map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seconds since the Unix epoch at `t` (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `None` for a file that is not there.
