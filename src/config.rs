@@ -22,7 +22,7 @@ use crate::telemetry::LogFormat;
 pub mod values;
 
 use values::err;
-pub use values::{parse_capacity, Capacity, ConfigError, Credentials};
+pub use values::{parse_capacity, parse_rate, Capacity, ConfigError, Credentials};
 
 /// The config file. Every field is optional; unknown keys are errors.
 #[derive(Default, Deserialize)]
@@ -216,6 +216,12 @@ impl Config {
                 .map_err(|e| err(format!("{where_}: {}", e.to_string().trim())))?,
             None => FileConfig::default(),
         };
+        // A flag wins over the file, the file over the default.
+        macro_rules! pick {
+            ($field:ident, $default:expr) => {
+                args.$field.or(file.$field).unwrap_or($default)
+            };
+        }
 
         let docker_config = args.docker_config.clone().or(file.docker_config);
         let registries = crate::upstream::config::build(
@@ -249,10 +255,7 @@ impl Config {
             Some(s) => parse_capacity(s).map_err(|e| err(format!("cache capacity {s:?}: {e}")))?,
             None => DEFAULT_CAPACITY,
         };
-        let listen = match args.listen.or(file.listen) {
-            Some(l) => l,
-            None => DEFAULT_LISTEN.parse().expect("default listen"),
-        };
+        let listen = pick!(listen, DEFAULT_LISTEN.parse().expect("default listen"));
         let tls = match (
             args.tls_cert.clone().or(file.tls_cert),
             args.tls_key.clone().or(file.tls_key),
@@ -287,21 +290,12 @@ impl Config {
                 Some(Secret(t))
             }
         };
-        let header_timeout = args
-            .header_timeout
-            .or(file.header_timeout)
-            .unwrap_or(DEFAULT_HEADER_TIMEOUT);
+        let header_timeout = pick!(header_timeout, DEFAULT_HEADER_TIMEOUT);
         if header_timeout.is_zero() {
             return Err(err("header timeout must be longer than 0s"));
         }
-        let idle_timeout = args
-            .idle_timeout
-            .or(file.idle_timeout)
-            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
-        let send_timeout = args
-            .send_timeout
-            .or(file.send_timeout)
-            .unwrap_or(DEFAULT_SEND_TIMEOUT);
+        let idle_timeout = pick!(idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        let send_timeout = pick!(send_timeout, DEFAULT_SEND_TIMEOUT);
         if idle_timeout.is_zero() || send_timeout.is_zero() {
             return Err(err("idle and send timeouts must be longer than 0s"));
         }
@@ -311,37 +305,26 @@ impl Config {
         let fp = file.prefetch;
         let mut images = fp.images;
         images.extend(args.prefetch.iter().cloned());
-        let prefetch =
-            PrefetchConfig {
-                images: crate::pins::Rules::parse(&images)
-                    .map_err(|e| err(format!("prefetch.images: {e}")))?,
-                platforms: fp.platforms,
-                on_start: fp.on_start,
-                interval: fp.interval,
-                concurrency: fp.concurrency.unwrap_or(4).clamp(1, 64),
-                bandwidth: match fp.bandwidth.as_deref().map(parse_capacity) {
-                    None => None,
-                    Some(Ok(Capacity::Bytes(b))) => Some(b),
-                    Some(_) => return Err(err(
-                        "prefetch.bandwidth: expected a byte rate such as \"20MiB\" (per second)",
-                    )),
-                },
-                max_tags: fp.max_tags.unwrap_or(20).max(1),
-            };
-        let min_rate = match args
-            .min_rate
-            .clone()
-            .or(file.min_rate.clone())
-            .as_deref()
-            .map(parse_capacity)
-        {
+        let prefetch = PrefetchConfig {
+            images: crate::pins::Rules::parse(&images)
+                .map_err(|e| err(format!("prefetch.images: {e}")))?,
+            platforms: fp.platforms,
+            on_start: fp.on_start,
+            interval: fp.interval,
+            concurrency: fp.concurrency.unwrap_or(4).clamp(1, 64),
+            bandwidth: match fp.bandwidth.as_deref() {
+                None => None,
+                Some(s) => Some(parse_rate(s).ok_or_else(|| {
+                    err("prefetch.bandwidth: expected a byte rate such as \"20MiB\" (per second)")
+                })?),
+            },
+            max_tags: fp.max_tags.unwrap_or(20).max(1),
+        };
+        let min_rate = match args.min_rate.as_deref().or(file.min_rate.as_deref()) {
             None => DEFAULT_MIN_RATE,
-            Some(Ok(Capacity::Bytes(b))) => b,
-            Some(_) => {
-                return Err(err(
-                    "min_rate: expected a byte rate such as \"16KiB\" (per second), or 0",
-                ))
-            }
+            Some(s) => parse_rate(s).ok_or_else(|| {
+                err("min_rate: expected a byte rate such as \"16KiB\" (per second), or 0")
+            })?,
         };
         Ok(Config {
             listen,
@@ -351,21 +334,12 @@ impl Config {
                 .or(file.cache_dir)
                 .unwrap_or_else(default_cache_dir),
             default_registry,
-            tag_ttl: args.tag_ttl.or(file.tag_ttl).unwrap_or(DEFAULT_TAG_TTL),
+            tag_ttl: pick!(tag_ttl, DEFAULT_TAG_TTL),
             capacity,
-            connect_timeout: args
-                .connect_timeout
-                .or(file.connect_timeout)
-                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-            read_timeout: args
-                .read_timeout
-                .or(file.read_timeout)
-                .unwrap_or(DEFAULT_READ_TIMEOUT),
+            connect_timeout: pick!(connect_timeout, DEFAULT_CONNECT_TIMEOUT),
+            read_timeout: pick!(read_timeout, DEFAULT_READ_TIMEOUT),
             min_rate,
-            verify_hold: args
-                .verify_hold
-                .or(file.verify_hold)
-                .unwrap_or(DEFAULT_VERIFY_HOLD),
+            verify_hold: pick!(verify_hold, DEFAULT_VERIFY_HOLD),
             header_timeout,
             idle_timeout,
             send_timeout,
@@ -373,10 +347,7 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             registries,
             pins,
-            retention: args
-                .retention
-                .or(file.retention)
-                .unwrap_or(DEFAULT_RETENTION),
+            retention: pick!(retention, DEFAULT_RETENTION),
             prefetch,
             tls,
             client_token,
@@ -456,44 +427,29 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::load(&args(), Some("listen_addr = \"x\""), None).unwrap_err();
-        assert!(e.0.contains("listen_addr"), "{e}");
-        let e = Config::load(
-            &args(),
-            Some("[registries.\"docker.io\"]\nusr = \"x\""),
-            None,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("usr"), "{e}");
+        refused(None, Some("listen_addr = \"x\""), "listen_addr");
+        refused(None, Some("[registries.\"docker.io\"]\nusr = \"x\""), "usr");
+    }
+
+    /// Loading `upstreams` flags and `file` fails with an error naming `what`.
+    fn refused(upstreams: Option<&str>, file: Option<&str>, what: &str) {
+        let mut a = args();
+        a.upstreams = upstreams.into_iter().map(Into::into).collect();
+        let e = Config::load(&a, file, None).unwrap_err();
+        assert!(e.0.contains(what), "{e}");
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let mut a = args();
-        a.upstreams = vec!["docker.io".into()];
-        assert!(Config::load(&a, None, None)
-            .unwrap_err()
-            .0
-            .contains("REGISTRY=URL"));
-        a.upstreams = vec!["docker.io=ftp://x".into()];
-        assert!(Config::load(&a, None, None)
-            .unwrap_err()
-            .0
-            .contains("scheme"));
-        let e = Config::load(
-            &args(),
+        refused(Some("docker.io"), None, "REGISTRY=URL");
+        refused(Some("docker.io=ftp://x"), None, "scheme");
+        refused(
+            None,
             Some("[registries.\"new.io\"]\ninsecure = true"),
-            None,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("url"), "{e}");
-        let e = Config::load(
-            &args(),
-            Some("[registries.\"docker.io\"]\nusername = \"u\""),
-            None,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("password"), "{e}");
+            "url",
+        );
+        let file = "[registries.\"docker.io\"]\nusername = \"u\"";
+        refused(None, Some(file), "password");
         let mut a = args();
         a.default_registry = Some("nope.io".into());
         assert!(Config::load(&a, None, None).is_err());

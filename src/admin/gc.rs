@@ -7,7 +7,7 @@
 //! Needs the cache's lock.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::{fail, init_logging, is_cache, lock, AdminError, EXIT_OK};
 use crate::cache::{closure, Cache, TagRecord};
@@ -96,10 +96,7 @@ pub fn collect(
     dry_run: bool,
 ) -> Result<Vec<Removed>, AdminError> {
     let owners = owners(cache)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::cache::store::unix_secs(SystemTime::now());
     let candidates = cache
         .index
         .unused_since(now.saturating_sub(retention.as_secs()));

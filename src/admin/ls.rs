@@ -5,7 +5,7 @@
 //! meanwhile simply count as missing).
 
 use std::io::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -121,10 +121,7 @@ pub fn list(dir: &std::path::Path, pins: &Rules) -> Result<Vec<Entry>, AdminErro
 }
 
 fn table(entries: &[Entry], no_trunc: bool) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
+    let now = crate::cache::store::unix_secs(SystemTime::now());
     let mut rows = vec![[
         "IMAGE".to_owned(),
         "DIGEST".into(),

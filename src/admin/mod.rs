@@ -12,7 +12,7 @@
 //! Shared here: [`image`] (references and walking an image in the cache),
 //! [`listing`] (paginated tag and repository lists), [`progress`] (bars on a
 //! terminal, log lines otherwise), logging, the lock, exit codes. Each
-//! command receives the loaded [`Config`] and its own flags.
+//! command receives the loaded [`Config`](crate::config::Config) and its own flags.
 //!
 //! Every command that changes the cache takes its lock first and refuses,
 //! with a message saying so, while a daemon holds it.
@@ -30,7 +30,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::cache::store::{self, LockError};
-use crate::config::{Capacity, Config};
 use crate::telemetry::LogFormat;
 
 /// Success.
@@ -112,16 +111,6 @@ pub fn lock(dir: &Path, hint: &'static str) -> Result<File, AdminError> {
         Ok(f) => Ok(f),
         Err(e @ LockError::Busy(_)) => Err(AdminError::Busy(e, hint)),
         Err(e) => Err(AdminError::Lock(e)),
-    }
-}
-
-/// The cache bound in bytes (a share is resolved against the filesystem).
-pub fn capacity_bytes(config: &Config) -> Result<u64, AdminError> {
-    match config.capacity {
-        Capacity::Bytes(b) => Ok(b),
-        Capacity::Share(f) => fs4::total_space(&config.cache_dir)
-            .map(|t| (t as f64 * f) as u64)
-            .map_err(|e| AdminError::io(&config.cache_dir, e)),
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -26,7 +26,7 @@ use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::reaper::Reaper;
-use super::store::{Scanned, Store};
+use super::store::{unix_secs, Scanned, Store};
 use crate::registry::Digest;
 
 /// Index key: published content, or space held for a download.
@@ -51,7 +51,7 @@ impl Entry {
     /// Whether the on-disk recency should be refreshed now (at most once a
     /// minute per entry, to keep hits free of metadata writes).
     pub fn should_touch(&self) -> bool {
-        let now = unix_now();
+        let now = unix_secs(SystemTime::now());
         let last = self.touched.load(Ordering::Relaxed);
         now >= last + 60
             && self
@@ -99,13 +99,6 @@ impl Drop for Reservation {
             .remove(&self.id);
         self.index.entries.invalidate(&Key::Reservation(self.id));
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// moka weighs in u32; weigh in KiB so a single entry can be up to 4 TiB.
@@ -225,7 +218,7 @@ impl Index {
                     Arc::new(Entry {
                         size: s.size,
                         ino: s.ino,
-                        touched: AtomicU64::new(unix_now()),
+                        touched: AtomicU64::new(unix_secs(SystemTime::now())),
                     }),
                 )
             })
@@ -233,11 +226,7 @@ impl Index {
         self.pinned.store(Arc::new(pinned));
         self.set_pins(pins);
         for s in rest {
-            let touched = s
-                .last_used
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let touched = unix_secs(s.last_used);
             self.entries.insert(
                 Key::Blob(s.digest),
                 Arc::new(Entry {
@@ -268,7 +257,7 @@ impl Index {
         let e = Arc::new(Entry {
             size,
             ino,
-            touched: AtomicU64::new(unix_now()),
+            touched: AtomicU64::new(unix_secs(SystemTime::now())),
         });
         if self.is_pinned(&d) {
             let _g = self.pin_update.lock().expect("pin lock");
@@ -387,16 +376,28 @@ impl Index {
 mod tests {
     use super::*;
 
-    #[test]
-    fn evicts_least_recent_and_unlinks() {
+    /// An index of `capacity` bytes over a fresh store.
+    fn setup(capacity: u64) -> (tempfile::TempDir, Arc<Store>, Arc<Index>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(10 * 1024, store.clone()));
+        let index = Arc::new(Index::new(capacity, store.clone()));
+        (dir, store, index)
+    }
+
+    /// Publish 4 KiB of byte `i`: its digest and inode.
+    fn put(store: &Store, i: u8) -> (Digest, u64) {
+        let body = vec![i; 4096];
+        let d = Digest::of(&body);
+        let ino = store.publish_bytes(&d, &body).unwrap();
+        (d, ino)
+    }
+
+    #[test]
+    fn evicts_least_recent_and_unlinks() {
+        let (_dir, store, index) = setup(10 * 1024);
         let mut ds = Vec::new();
         for i in 0..3u8 {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
+            let (d, ino) = put(&store, i);
             index.insert(d.clone(), 4096, ino);
             ds.push(d);
             if i == 1 {
@@ -416,16 +417,12 @@ mod tests {
 
     #[test]
     fn a_download_reservation_is_never_the_lru_victim() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(40 * 1024, store.clone()));
+        let (_dir, store, index) = setup(40 * 1024);
         // A large download in flight holds 16 KiB.
         let r = index.reserve(16 * 1024);
         let mut ds = Vec::new();
         for i in 0..12u8 {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
+            let (d, ino) = put(&store, i);
             index.insert(d.clone(), 4096, ino);
             ds.push(d);
             // Hits keep the published entries warmer than the reservation.
@@ -453,15 +450,8 @@ mod tests {
 
     #[test]
     fn pinned_content_is_never_evicted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(12 * 1024, store.clone()));
-        let put = |i: u8| {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
-            (d, ino)
-        };
+        let (_dir, store, index) = setup(12 * 1024);
+        let put = |i| put(&store, i);
         let (p, ino) = put(0);
         index.pin([p.clone()]);
         index.insert(p.clone(), 4096, ino);
@@ -486,15 +476,8 @@ mod tests {
 
     #[test]
     fn pinned_space_is_counted_once_and_never_the_lru_victim() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(16 * 1024, store.clone()));
-        let put = |i: u8| {
-            let body = vec![i; 4096];
-            let d = Digest::of(&body);
-            let ino = store.publish_bytes(&d, &body).unwrap();
-            (d, ino)
-        };
+        let (_dir, store, index) = setup(16 * 1024);
+        let put = |i| put(&store, i);
         let ((p1, i1), (p2, i2)) = (put(0), put(1));
         index.pin([p1.clone(), p2.clone()]);
         index.insert(p1, 4096, i1);
@@ -516,12 +499,8 @@ mod tests {
 
     #[test]
     fn reservations_make_room_and_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Arc::new(Index::new(8 * 1024, store.clone()));
-        let body = vec![1u8; 4096];
-        let d = Digest::of(&body);
-        let ino = store.publish_bytes(&d, &body).unwrap();
+        let (_dir, store, index) = setup(8 * 1024);
+        let (d, ino) = put(&store, 1);
         index.insert(d.clone(), 4096, ino);
         {
             let _r = index.reserve(6 * 1024);

@@ -10,7 +10,7 @@ pub mod reaper;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ use crate::registry::{Digest, RegistryHost, Repository, Tag};
 use flight::Flights;
 use index::Index;
 use provenance::{Origin, Provenance};
-use store::Store;
+use store::{unix_ms, unix_secs, Store};
 
 /// A manifest ready to serve.
 #[derive(Debug, Clone)]
@@ -70,13 +70,6 @@ impl TagRecord {
     pub fn digest(&self) -> Option<Digest> {
         self.digest.parse().ok()
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 type TagKey = (RegistryHost, Repository, Tag);
@@ -380,21 +373,11 @@ impl Cache {
         tag: &Tag,
         rec: TagRecord,
     ) -> Result<()> {
-        match self.store_tag(registry, repo, tag, rec) {
-            Err(Error::Io(e)) if self.store.note_write_error(&e) => Ok(()),
-            other => other,
-        }
-    }
-
-    fn store_tag(
-        &self,
-        registry: &RegistryHost,
-        repo: &Repository,
-        tag: &Tag,
-        rec: TagRecord,
-    ) -> Result<()> {
         let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Internal(e.to_string()))?;
-        self.store.write_tag(registry, repo, tag, &bytes)?;
+        match self.store.write_tag(registry, repo, tag, &bytes) {
+            Err(e) if self.store.note_write_error(&e) => return Ok(()),
+            written => written?,
+        }
         if self.pins.matches(registry, repo.as_str(), tag.as_str()) {
             if let Some(d) = rec.digest() {
                 self.index.pin(closure(&self.store, vec![d]));
@@ -410,11 +393,7 @@ impl Cache {
         if retention.is_zero() {
             return (0, 0);
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let before = now.saturating_sub(retention.as_secs());
+        let before = unix_secs(SystemTime::now()).saturating_sub(retention.as_secs());
         let (mut n, mut bytes) = (0, 0);
         for (d, size, ino) in self.index.unused_since(before) {
             self.index.remove(&d);

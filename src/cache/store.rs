@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::registry::{Digest, RegistryHost, Repository, Tag};
 
@@ -105,12 +105,7 @@ impl Store {
         ] {
             fs::create_dir_all(root.join(sub))?;
         }
-        let store = Store {
-            root: root.to_path_buf(),
-            tmp_seq: AtomicU64::new(0),
-            full: Arc::new(AtomicBool::new(false)),
-            full_checked: AtomicU64::new(0),
-        };
+        let store = Store::open_existing(root)?;
         store.clean_tmp()?;
         Ok(store)
     }
@@ -138,7 +133,7 @@ impl Store {
     pub fn note_write_error(&self, e: &io::Error) -> bool {
         let full = is_out_of_space(e);
         if full && !self.full.swap(true, Ordering::Relaxed) {
-            self.full_checked.store(now_ms(), Ordering::Relaxed);
+            self.full_checked.store(unix_ms(), Ordering::Relaxed);
             tracing::warn!(dir = %self.root.display(), "cache filesystem is full: serving misses without caching until space returns");
         }
         full
@@ -153,7 +148,7 @@ impl Store {
         if !self.full.load(Ordering::Relaxed) {
             return false;
         }
-        let now = now_ms();
+        let now = unix_ms();
         let last = self.full_checked.load(Ordering::Relaxed);
         if now >= last + FULL_RECHECK_MS
             && self
@@ -202,18 +197,15 @@ impl Store {
     /// Open a published blob read-only, with its size and inode: the only
     /// way to obtain a [`Published`], which [`super::mmap::map`] requires.
     pub fn open_published(&self, d: &Digest) -> io::Result<Option<Published>> {
-        match File::open(self.blob_path(d)) {
-            Ok(file) => {
-                let md = file.metadata()?;
-                Ok(Some(Published {
-                    file,
-                    size: md.len(),
-                    ino: md.ino(),
-                }))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        let Some(file) = found(File::open(self.blob_path(d)))? else {
+            return Ok(None);
+        };
+        let md = file.metadata()?;
+        Ok(Some(Published {
+            file,
+            size: md.len(),
+            ino: md.ino(),
+        }))
     }
 
     /// Create a fresh temporary file for a download.
@@ -244,15 +236,9 @@ impl Store {
 
     /// Write small content (a manifest) through tmp + fsync + rename.
     pub fn publish_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<u64> {
-        let (mut f, tmp) = self.create_tmp()?;
-        let res = f
-            .write_all(bytes)
-            .and_then(|_| f.sync_data())
-            .and_then(|_| self.publish(&tmp, d));
-        if res.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        res
+        let dest = self.blob_path(d);
+        self.write_atomic(&dest, bytes)?;
+        Ok(fs::metadata(&dest)?.ino())
     }
 
     /// Record a manifest's media type (written before its content is published).
@@ -262,7 +248,7 @@ impl Store {
 
     /// A manifest's media type, if recorded.
     pub fn read_media_type(&self, d: &Digest) -> io::Result<Option<String>> {
-        read_optional(&self.sharded("manifests", d))
+        found(fs::read(self.sharded("manifests", d)))
             .map(|o| o.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
@@ -283,7 +269,7 @@ impl Store {
         repo: &Repository,
         tag: &Tag,
     ) -> io::Result<Option<Vec<u8>>> {
-        read_optional(&self.tag_path(registry, repo, tag))
+        found(fs::read(self.tag_path(registry, repo, tag)))
     }
 
     /// Replace a tag record atomically.
@@ -326,7 +312,7 @@ impl Store {
                 ) else {
                     continue;
                 };
-                if let Some(bytes) = read_optional(&path)? {
+                if let Some(bytes) = found(fs::read(&path))? {
                     out.push((reg, repo, tag, bytes));
                 }
             }
@@ -358,10 +344,8 @@ impl Store {
     /// Every provenance record: (digest, bytes). A cache without the
     /// directory has none; files not named by a digest are skipped.
     pub fn private_records(&self) -> io::Result<Vec<(Digest, Vec<u8>)>> {
-        let entries = match fs::read_dir(self.private_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+        let Some(entries) = found(fs::read_dir(self.private_dir()))? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for entry in entries {
@@ -373,7 +357,7 @@ impl Store {
             else {
                 continue;
             };
-            if let Some(bytes) = read_optional(&entry.path())? {
+            if let Some(bytes) = found(fs::read(entry.path()))? {
                 out.push((digest, bytes));
             }
         }
@@ -385,7 +369,7 @@ impl Store {
         if self.read_media_type(d)?.is_none() {
             return Ok(None);
         }
-        read_optional(&self.blob_path(d))
+        found(fs::read(self.blob_path(d)))
     }
 
     /// Crash-safe small write: tmp in the same directory, fsync, rename.
@@ -407,15 +391,13 @@ impl Store {
     /// (an eviction must not remove a newer copy published meanwhile).
     pub fn remove_blob(&self, d: &Digest, ino: u64) -> io::Result<bool> {
         let path = self.blob_path(d);
-        match fs::metadata(&path) {
-            Ok(md) if md.ino() == ino => {
+        match found(fs::metadata(&path))? {
+            Some(md) if md.ino() == ino => {
                 fs::remove_file(&path)?;
                 let _ = fs::remove_file(self.sharded("manifests", d));
                 Ok(true)
             }
-            Ok(_) => Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+            _ => Ok(false),
         }
     }
 
@@ -481,7 +463,7 @@ impl Store {
                     digest,
                     size: md.len(),
                     ino: md.ino(),
-                    last_used: md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    last_used: md.modified().unwrap_or(UNIX_EPOCH),
                 });
             }
         }
@@ -530,16 +512,21 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
     )
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH);
+    since.map_or(0, |d| d.as_millis() as u64)
 }
 
-fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
+/// Seconds since the Unix epoch at `t` (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `None` for a file that is not there.
+fn found<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }

@@ -76,3 +76,11 @@ pub fn parse_capacity(s: &str) -> Result<Capacity, String> {
     }
     Ok(Capacity::Bytes(bytes.0))
 }
+
+/// A byte rate per second (`50MiB`): a [`parse_capacity`] in bytes, not a share.
+pub fn parse_rate(s: &str) -> Option<u64> {
+    match parse_capacity(s) {
+        Ok(Capacity::Bytes(b)) => Some(b),
+        _ => None,
+    }
+}

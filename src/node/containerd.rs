@@ -264,11 +264,7 @@ pub fn uninstall(certs_dir: &Path) -> Result<Report, NodeError> {
         let current = files::read_opt(&path)?;
         let has_backup = files::read_opt(&backup)?.is_some();
         match (current, has_backup) {
-            (Some(c), true) if hosts::is_ours(&c) => {
-                files::rename(&backup, &path)?;
-                report.changes.push(Change::Restored(path.clone()));
-            }
-            (None, true) => {
+            (c, true) if c.as_deref().is_none_or(hosts::is_ours) => {
                 files::rename(&backup, &path)?;
                 report.changes.push(Change::Restored(path.clone()));
             }

@@ -26,7 +26,7 @@ pub fn registry_table(version: i64) -> &'static str {
 }
 
 /// What containerd's config says about registry hosts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CriRegistry {
     /// The file read (the main config).
     pub file: PathBuf,
@@ -98,12 +98,8 @@ fn from_table(table: &toml::Table, default_version: i64) -> CriRegistry {
         _ => &["cri", "io.containerd.grpc.v1.cri"],
     };
     let mut out = CriRegistry {
-        file: PathBuf::new(),
         version,
-        config_path: None,
-        set_in: None,
-        legacy_mirrors: false,
-        has_table: false,
+        ..CriRegistry::default()
     };
     for name in plugin_names {
         let Some(registry) = plugins
@@ -166,19 +162,8 @@ fn imports(table: &toml::Table, base: &Path) -> Vec<PathBuf> {
 
 /// `*` matches any run of characters; nothing else is special.
 fn glob_match(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
-        }
-    }
-    true
+    let literal: Vec<String> = pattern.split('*').map(globset::escape).collect();
+    globset::Glob::new(&literal.join("*")).is_ok_and(|g| g.compile_matcher().is_match(name))
 }
 
 /// Does containerd read `certs_dir` (as the host sees it)?

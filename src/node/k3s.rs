@@ -68,13 +68,7 @@ pub fn merge(existing: Option<&str>, plan: &Plan, remove: bool) -> Result<(Strin
     let root = doc
         .as_mapping_mut()
         .ok_or("the top level is not a mapping")?;
-    let mirrors = root
-        .entry(Value::from("mirrors"))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if mirrors.is_null() {
-        *mirrors = Value::Mapping(Mapping::new());
-    }
-    let mirrors = mirrors
+    let mirrors = child(root, "mirrors", || Value::Mapping(Mapping::new()))
         .as_mapping_mut()
         .ok_or("`mirrors` is not a mapping")?;
     let ours = plan.mirror.trim_end_matches('/');
@@ -96,22 +90,10 @@ pub fn merge(existing: Option<&str>, plan: &Plan, remove: bool) -> Result<(Strin
             }
             continue;
         }
-        let entry = mirrors
-            .entry(k)
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
-        if entry.is_null() {
-            *entry = Value::Mapping(Mapping::new());
-        }
-        let entry = entry
+        let entry = child(mirrors, k, || Value::Mapping(Mapping::new()))
             .as_mapping_mut()
             .ok_or_else(|| format!("mirrors.{key:?} is not a mapping"))?;
-        let eps = entry
-            .entry(Value::from("endpoint"))
-            .or_insert_with(|| Value::Sequence(Vec::new()));
-        if eps.is_null() {
-            *eps = Value::Sequence(Vec::new());
-        }
-        let eps = eps
+        let eps = child(entry, "endpoint", || Value::Sequence(Vec::new()))
             .as_sequence_mut()
             .ok_or_else(|| format!("mirrors.{key:?}.endpoint is not a list"))?;
         if !eps.iter().any(same) {
@@ -122,15 +104,20 @@ pub fn merge(existing: Option<&str>, plan: &Plan, remove: bool) -> Result<(Strin
         root.remove("mirrors");
     }
     let changed = doc != before;
-    let text = serde_norway::to_string(&doc).map_err(|e| e.to_string())?;
-    Ok((
-        if text.trim() == "{}" {
-            String::new()
-        } else {
-            text
-        },
-        changed,
-    ))
+    let mut text = serde_norway::to_string(&doc).map_err(|e| e.to_string())?;
+    if text.trim() == "{}" {
+        text.clear();
+    }
+    Ok((text, changed))
+}
+
+/// `map[key]`, made `empty()` when it is missing or null.
+fn child(map: &mut Mapping, key: impl Into<Value>, empty: fn() -> Value) -> &mut Value {
+    let v = map.entry(key.into()).or_insert_with(empty);
+    if v.is_null() {
+        *v = empty();
+    }
+    v
 }
 
 /// Merge into the file at `path`, atomically, keeping a backup of the

@@ -154,10 +154,8 @@ fn parse_mirror(s: &str) -> Result<String, NodeError> {
     if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
         return Err(bad("give only scheme://host[:port]"));
     }
-    Ok(match url.port() {
-        Some(p) => format!("{}://{host}:{p}", url.scheme()),
-        None => format!("{}://{host}", url.scheme()),
-    })
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    Ok(format!("{}://{host}{port}", url.scheme()))
 }
 
 /// `berth containerd ...`: run it, print what changed, return the exit status.

@@ -7,7 +7,7 @@
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap};
-use http::{Method, Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 
@@ -15,7 +15,6 @@ use super::checked::{Checked, OnPoison};
 use super::range::{parse_range, ByteRange};
 use super::response::{self, value, Body};
 use super::route::Target;
-use crate::cache::{Manifest, TagRecord};
 use crate::error::{Error, Result};
 use crate::metrics::GaugeGuard;
 use crate::mirror::{BlobReply, CacheResult, ManifestReply, Tap};
@@ -26,9 +25,20 @@ const API_VERSION: &str = "Docker-Distribution-API-Version";
 /// Largest pass-through body (tag lists, referrer indexes) berth relays.
 const MAX_PASSTHROUGH: usize = 16 << 20;
 
-fn with_result(mut resp: Response<Body>, result: CacheResult) -> Response<Body> {
+/// The response `b` with `body`, marked with how it was answered.
+fn answer(b: http::response::Builder, body: Body, result: CacheResult) -> Response<Body> {
+    let mut resp = b.body(body).expect("response headers are valid");
     resp.extensions_mut().insert(result);
     resp
+}
+
+/// `body`, or nothing for a HEAD.
+fn unless_head(head: bool, body: impl FnOnce() -> Body) -> Body {
+    if head {
+        response::empty()
+    } else {
+        body()
+    }
 }
 
 fn builder(status: StatusCode, t: Option<&Target>) -> http::response::Builder {
@@ -44,11 +54,7 @@ fn builder(status: StatusCode, t: Option<&Target>) -> http::response::Builder {
 
 /// `GET /v2/`
 pub fn ping(head: bool) -> Response<Body> {
-    let body = if head {
-        response::empty()
-    } else {
-        response::full(Bytes::from_static(b"{}"))
-    };
+    let body = unless_head(head, || response::full(Bytes::from_static(b"{}")));
     builder(StatusCode::OK, None)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, 2)
@@ -63,39 +69,19 @@ fn quarantine_on_poison(state: &AppState, d: &Digest) -> OnPoison {
     Box::new(move || mirror.quarantine_later(&d))
 }
 
-fn manifest_response(
-    state: &AppState,
-    m: &Manifest,
+/// Content's headers: its type, size and digest.
+fn content_headers(
     t: &Target,
-    head: bool,
-    result: CacheResult,
-) -> Response<Body> {
-    let digest = m.digest.to_string();
-    let body = if head {
-        response::empty()
-    } else {
-        response::content(m.bytes.clone(), quarantine_on_poison(state, &m.digest))
-    };
-    let resp = builder(StatusCode::OK, Some(t))
-        .header(header::CONTENT_TYPE, value(&m.media_type))
-        .header(header::CONTENT_LENGTH, m.bytes.len())
-        .header("Docker-Content-Digest", value(&digest))
+    status: StatusCode,
+    media_type: &str,
+    len: u64,
+    digest: &str,
+) -> http::response::Builder {
+    builder(status, Some(t))
+        .header(header::CONTENT_TYPE, value(media_type))
+        .header(header::CONTENT_LENGTH, len)
+        .header("Docker-Content-Digest", value(digest))
         .header(header::ETAG, value(&format!("\"{digest}\"")))
-        .body(body)
-        .expect("manifest response");
-    with_result(resp, result)
-}
-
-/// HEAD answered from a tag record (the manifest bytes are not needed).
-fn record_head(rec: &TagRecord, t: &Target, result: CacheResult) -> Response<Body> {
-    let resp = builder(StatusCode::OK, Some(t))
-        .header(header::CONTENT_TYPE, value(&rec.media_type))
-        .header(header::CONTENT_LENGTH, rec.size)
-        .header("Docker-Content-Digest", value(&rec.digest))
-        .header(header::ETAG, value(&format!("\"{}\"", rec.digest)))
-        .body(response::empty())
-        .expect("head response");
-    with_result(resp, result)
 }
 
 /// `GET|HEAD /v2/<name>/manifests/<reference>`
@@ -110,19 +96,26 @@ pub async fn manifest(
         .manifest(&t.registry, &t.repo, reference, head)
         .await?;
     Ok(match reply {
-        ManifestReply::Manifest(m) => manifest_response(state, &m, t, head, result),
-        ManifestReply::Record(rec) => record_head(&rec, t, result),
+        ManifestReply::Manifest(m) => {
+            let digest = m.digest.to_string();
+            let len = m.bytes.len() as u64;
+            let b = content_headers(t, StatusCode::OK, &m.media_type, len, &digest);
+            let body = unless_head(head, || {
+                response::content(m.bytes, quarantine_on_poison(state, &m.digest))
+            });
+            answer(b, body, result)
+        }
+        // A HEAD answered from a tag record (the manifest bytes are not needed).
+        ManifestReply::Record(rec) => {
+            let b = content_headers(t, StatusCode::OK, &rec.media_type, rec.size, &rec.digest);
+            answer(b, response::empty(), result)
+        }
     })
 }
 
 fn blob_headers(t: &Target, d: &Digest, status: StatusCode, len: u64) -> http::response::Builder {
-    let digest = d.to_string();
-    builder(status, Some(t))
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, len)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header("Docker-Content-Digest", value(&digest))
-        .header(header::ETAG, value(&format!("\"{digest}\"")))
+    let octets = "application/octet-stream";
+    content_headers(t, status, octets, len, &d.to_string()).header(header::ACCEPT_RANGES, "bytes")
 }
 
 fn ranged(
@@ -156,10 +149,7 @@ pub async fn blob(
     if head {
         let (size, result) = mirror.blob_size(&t.registry, &t.repo, d).await?;
         let (b, _, _) = ranged(t, d, parse_range(range_header, size)?, size);
-        return Ok(with_result(
-            b.body(response::empty()).expect("blob head"),
-            result,
-        ));
+        return Ok(answer(b, response::empty(), result));
     }
     let (reply, result) = mirror
         .open_blob(&t.registry, &t.repo, d, &Tap::default())
@@ -175,7 +165,7 @@ pub async fn blob(
                 bytes.slice(start as usize..end as usize),
                 quarantine_on_poison(state, d),
             );
-            return Ok(with_result(b.body(body).expect("blob response"), result));
+            return Ok(answer(b, body, result));
         }
         BlobReply::Flight { flight, size } => (size, flight),
     };
@@ -191,7 +181,7 @@ pub async fn blob(
         Box::pin(stream),
         quarantine_on_poison(state, d),
     ));
-    Ok(with_result(b.body(body).expect("blob response"), result))
+    Ok(answer(b, body, result))
 }
 
 /// Content bytes a blob response sends, by source (cache|upstream).
@@ -224,10 +214,7 @@ async fn relay(
     count_served(state, "upstream", end - start);
     let frames = relayed.stream.map(|r| r.map(Frame::data));
     let body = BodyExt::boxed_unsync(StreamBody::new(frames));
-    Ok(with_result(
-        b.body(body).expect("blob response"),
-        CacheResult::Pass,
-    ))
+    Ok(answer(b, body, CacheResult::Pass))
 }
 
 /// `GET /v2/<name>/tags/list` and `GET /v2/<name>/referrers/<digest>`:
@@ -274,13 +261,9 @@ pub async fn passthrough(
     }
     let body = body.freeze();
     b = b.header(header::CONTENT_LENGTH, body.len());
-    let body = if head {
-        response::empty()
-    } else {
-        response::full(body)
-    };
-    Ok(with_result(
-        b.body(body).expect("passthrough response"),
+    Ok(answer(
+        b,
+        unless_head(head, || response::full(body)),
         CacheResult::Pass,
     ))
 }
@@ -337,11 +320,6 @@ pub fn probe(state: &AppState, what: &str) -> Response<Body> {
         .header(header::CONTENT_LENGTH, body.len())
         .body(response::full(body))
         .expect("probe response")
-}
-
-/// Whether a request method is a HEAD.
-pub fn is_head<B>(req: &Request<B>) -> bool {
-    req.method() == Method::HEAD
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -33,9 +33,6 @@ use watchdog::{Activity, Tracked, Verdict};
 
 /// Most connections served at once; more wait in the accept backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
-/// A client must send its request headers within this time (slow-loris
-/// guard); the default of `--header-timeout`.
-pub const HEADER_READ_TIMEOUT: Duration = crate::config::DEFAULT_HEADER_TIMEOUT;
 /// How long an idle connection's graceful close may take.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight responses.
@@ -231,7 +228,7 @@ where
 /// call it without sockets (request bodies are never read).
 pub async fn handle<B>(state: &AppState, role: Role, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
-    let head = handlers::is_head(&req);
+    let head = req.method() == Method::HEAD;
     let mirrored = |h: &crate::registry::RegistryHost| state.mirror.upstreams.get(h).is_some();
     let regs = Registries {
         default: &state.config.default_registry,

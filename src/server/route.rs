@@ -236,66 +236,37 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let code = |r: Result<Route, Error>| r.unwrap_err().code();
         use crate::registry::ErrorCode as C;
-        assert_eq!(
-            code(p(Method::GET, "/v2/x/manifests/1", Some("ns=evil.example"))),
-            C::NameUnknown
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/quay.io/x/manifests/1", None)),
-            C::NameUnknown
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/../etc/passwd/manifests/1", None)),
-            C::NameInvalid
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/a/%2e%2e/manifests/1", None)),
-            C::NameInvalid
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/Upper/manifests/1", None)),
-            C::NameInvalid
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/a/manifests/-bad", None)),
-            C::ManifestInvalid
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/a/blobs/sha256:123", None)),
-            C::DigestInvalid
-        );
-        assert_eq!(
-            code(p(Method::GET, "/v2/a/blobs/md5:abc", None)),
-            C::DigestInvalid
-        );
-        assert_eq!(
-            code(p(Method::PUT, "/v2/a/manifests/1", None)),
-            C::Unsupported
-        );
-        assert_eq!(
-            code(p(Method::DELETE, "/v2/a/manifests/1", None)),
-            C::Unsupported
-        );
-        assert_eq!(
-            code(p(Method::POST, "/v2/a/blobs/uploads/", None)),
-            C::Unsupported
-        );
-        assert_eq!(code(p(Method::GET, "/v2/_catalog", None)), C::Unsupported);
+        let long = format!("GET /v2/{}/manifests/1", "a".repeat(300));
+        for (request, code) in [
+            ("GET /v2/x/manifests/1?ns=evil.example", C::NameUnknown),
+            ("GET /v2/quay.io/x/manifests/1", C::NameUnknown),
+            ("GET /v2/../etc/passwd/manifests/1", C::NameInvalid),
+            ("GET /v2/a/%2e%2e/manifests/1", C::NameInvalid),
+            ("GET /v2/Upper/manifests/1", C::NameInvalid),
+            ("GET /v2/a/manifests/-bad", C::ManifestInvalid),
+            ("GET /v2/a/blobs/sha256:123", C::DigestInvalid),
+            ("GET /v2/a/blobs/md5:abc", C::DigestInvalid),
+            ("PUT /v2/a/manifests/1", C::Unsupported),
+            ("DELETE /v2/a/manifests/1", C::Unsupported),
+            ("POST /v2/a/blobs/uploads/", C::Unsupported),
+            ("GET /v2/_catalog", C::Unsupported),
+            (&long, C::NameInvalid),
+        ] {
+            let (method, target) = request.split_once(' ').unwrap();
+            let (path, query) = target
+                .split_once('?')
+                .map_or((target, None), |(p, q)| (p, Some(q)));
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(
+                p(method, path, query).unwrap_err().code(),
+                code,
+                "{request}"
+            );
+        }
         assert_eq!(
             p(Method::GET, "/v2/a/nothing", None).unwrap_err().status(),
             404
-        );
-        assert_eq!(
-            p(
-                Method::GET,
-                &format!("/v2/{}/manifests/1", "a".repeat(300)),
-                None
-            )
-            .unwrap_err()
-            .code(),
-            C::NameInvalid
         );
     }
 }

@@ -339,42 +339,35 @@ mod tests {
     #[test]
     fn realms() {
         let u = |s: &str| Url::parse(s).unwrap();
-        assert!(realm_allowed(
-            &u("http://[::1]:5000"),
-            &u("http://[::1]:6000/auth")
-        ));
-        assert!(realm_allowed(
-            &u("http://[::1]:5000"),
-            &u("http://127.0.0.1:6000/auth")
-        ));
-        assert!(realm_allowed(
-            &u("https://registry-1.docker.io"),
-            &u("https://auth.docker.io/token")
-        ));
-        assert!(realm_allowed(
-            &u("https://ghcr.io"),
-            &u("https://ghcr.io/token")
-        ));
-        assert!(realm_allowed(
-            &u("http://127.0.0.1:5000"),
-            &u("http://127.0.0.1:6000/auth")
-        ));
-        assert!(!realm_allowed(
-            &u("https://ghcr.io"),
-            &u("https://evil.example/token")
-        ));
-        assert!(!realm_allowed(
-            &u("https://ghcr.io"),
-            &u("http://169.254.169.254/")
-        ));
-        assert!(realm_allowed(
-            &u("https://registry.example.co.uk"),
-            &u("https://auth.example.co.uk/token")
-        ));
-        assert!(realm_allowed(
-            &u("https://Registry.GitLab.com"),
-            &u("https://gitlab.com/jwt/auth")
-        ));
+        for (upstream, realm, allowed) in [
+            ("http://[::1]:5000", "http://[::1]:6000/auth", true),
+            ("http://[::1]:5000", "http://127.0.0.1:6000/auth", true),
+            (
+                "https://registry-1.docker.io",
+                "https://auth.docker.io/token",
+                true,
+            ),
+            ("https://ghcr.io", "https://ghcr.io/token", true),
+            ("http://127.0.0.1:5000", "http://127.0.0.1:6000/auth", true),
+            ("https://ghcr.io", "https://evil.example/token", false),
+            ("https://ghcr.io", "http://169.254.169.254/", false),
+            (
+                "https://registry.example.co.uk",
+                "https://auth.example.co.uk/token",
+                true,
+            ),
+            (
+                "https://Registry.GitLab.com",
+                "https://gitlab.com/jwt/auth",
+                true,
+            ),
+        ] {
+            assert_eq!(
+                realm_allowed(&u(upstream), &u(realm)),
+                allowed,
+                "{upstream} -> {realm}"
+            );
+        }
     }
 
     #[test]

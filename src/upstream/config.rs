@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::config::values::{err, parse_capacity, Capacity, ConfigError, Credentials};
+use crate::config::values::{err, parse_rate, ConfigError, Credentials};
 use crate::registry::RegistryHost;
 
 /// The embedded registry table (`berth serve` with no config).
@@ -221,29 +221,15 @@ pub fn build(
     Ok(out)
 }
 
+/// A registry with one endpoint at `url` and nothing else set.
 fn plain(host: RegistryHost, url: Url) -> RegistryConfig {
-    let hub = url_has_prefix(&url);
+    let ep = endpoint(url, &FileEndpoint::default(), None, "", &|_| None);
     RegistryConfig {
         host,
-        endpoints: vec![EndpointConfig {
-            url,
-            credentials: None,
-            ca_file: None,
-            client_identity: None,
-            insecure: false,
-            connect_timeout: None,
-            read_timeout: None,
-            bandwidth: None,
-            hub,
-            private_redirects: None,
-        }],
+        endpoints: vec![ep.expect("an endpoint with only a URL is valid")],
         serve_stale_on_not_found: false,
         private: false,
     }
-}
-
-fn url_has_prefix(url: &Url) -> bool {
-    !url.path().trim_matches('/').is_empty()
 }
 
 fn endpoint(
@@ -266,20 +252,18 @@ fn endpoint(
                 }),
         }
     };
-    let password = match (&ep.password, from_env(&ep.password_env, "password_env")?) {
-        (Some(_), Some(_)) => {
-            return Err(err(format!(
-                "{ctx}: give `password` or `password_env`, not both"
-            )))
-        }
-        (p, e) => p.clone().or(e),
+    // `what` in the file, or the variable that `what_env` names; not both.
+    let either = |value: &Option<String>, var: &Option<String>, what: &str| match (
+        value,
+        from_env(var, &format!("{what}_env"))?,
+    ) {
+        (Some(_), Some(_)) => Err(err(format!(
+            "{ctx}: give `{what}` or `{what}_env`, not both"
+        ))),
+        (v, e) => Ok(v.clone().or(e)),
     };
-    let token = match (&ep.token, from_env(&ep.token_env, "token_env")?) {
-        (Some(_), Some(_)) => {
-            return Err(err(format!("{ctx}: give `token` or `token_env`, not both")))
-        }
-        (t, e) => t.clone().or(e),
-    };
+    let password = either(&ep.password, &ep.password_env, "password")?;
+    let token = either(&ep.token, &ep.token_env, "token")?;
     let mut credentials = match (ep.username.clone(), password, token) {
         (None, None, None) => None,
         (Some(username), Some(password), None) => Some(Credentials::Basic { username, password }),
@@ -324,16 +308,15 @@ fn endpoint(
     };
     let bandwidth = match &ep.bandwidth {
         None => None,
-        Some(s) => match parse_capacity(s) {
-            Ok(Capacity::Bytes(b)) => Some(b),
-            _ => {
-                return Err(err(format!(
-                    "{ctx}.bandwidth: {s:?} is not a byte rate such as \"50MiB\" (per second)"
-                )))
-            }
-        },
+        Some(s) => Some(parse_rate(s).ok_or_else(|| {
+            err(format!(
+                "{ctx}.bandwidth: {s:?} is not a byte rate such as \"50MiB\" (per second)"
+            ))
+        })?),
     };
-    let hub = ep.hub.unwrap_or_else(|| url_has_prefix(&url));
+    let hub = ep
+        .hub
+        .unwrap_or_else(|| !url.path().trim_matches('/').is_empty());
     Ok(EndpointConfig {
         url,
         credentials,
@@ -392,8 +375,8 @@ pub fn docker_config_credentials(path: &Path, url: &Url) -> Result<Option<Creden
         (Some(h), None) => h.to_owned(),
         _ => return Ok(None),
     };
-    let docker_hub =
-        ["registry-1.docker.io", "docker.io", "index.docker.io"].contains(&host.as_str());
+    const DOCKER_HUB: [&str; 3] = ["registry-1.docker.io", "docker.io", "index.docker.io"];
+    let docker_hub = DOCKER_HUB.contains(&host.as_str());
     let key_host = |k: &str| -> String {
         let k = k
             .trim_start_matches("https://")
@@ -402,9 +385,7 @@ pub fn docker_config_credentials(path: &Path, url: &Url) -> Result<Option<Creden
     };
     let entry = cfg.auths.iter().find(|(k, _)| {
         let kh = key_host(k);
-        kh == host
-            || (docker_hub
-                && ["index.docker.io", "docker.io", "registry-1.docker.io"].contains(&kh.as_str()))
+        kh == host || (docker_hub && DOCKER_HUB.contains(&kh.as_str()))
     });
     let Some((key, a)) = entry else {
         return Ok(None);
@@ -505,41 +486,31 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let e = parse(
-            "[registries.\"docker.io\"]\npassword_env = \"NOPE\"\nusername = \"u\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("NOPE"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\norigin_fallback = false\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("required"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\nurl = \"http://a\"\nbandwidth = \"50%\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("bandwidth"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\nurl = \"http://a\"\nclient_cert = \"/nonexistent\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("client_cert"), "{e}");
-        let e = parse(
-            "[registries.\"x.io\"]\n[[registries.\"x.io\".endpoints]]\nurll = \"http://a\"\n",
-            &[],
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.0.contains("urll"), "{e}");
+        for (text, named) in [
+            (
+                "[registries.\"docker.io\"]\npassword_env = \"NOPE\"\nusername = \"u\"\n",
+                "NOPE",
+            ),
+            (
+                "[registries.\"x.io\"]\norigin_fallback = false\n",
+                "required",
+            ),
+            (
+                "[registries.\"x.io\"]\nurl = \"http://a\"\nbandwidth = \"50%\"\n",
+                "bandwidth",
+            ),
+            (
+                "[registries.\"x.io\"]\nurl = \"http://a\"\nclient_cert = \"/nonexistent\"\n",
+                "client_cert",
+            ),
+            (
+                "[registries.\"x.io\"]\n[[registries.\"x.io\".endpoints]]\nurll = \"http://a\"\n",
+                "urll",
+            ),
+        ] {
+            let e = parse(text, &[], &no_env).unwrap_err();
+            assert!(e.0.contains(named), "{e}");
+        }
     }
 
     #[test]

@@ -94,9 +94,11 @@ impl Endpoint {
             )))
             .use_rustls_tls();
         let ctx = format!("registry {} endpoint {}", host, redact(&ep.url));
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| ConfigError(format!("{ctx}: {}: {e}", path.display())))
+        };
         if let Some(ca) = &ep.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| ConfigError(format!("{ctx}: {}: {e}", ca.display())))?;
+            let pem = read(ca)?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 ConfigError(format!(
                     "{ctx}: {}: not a PEM CA bundle ({e})",
@@ -114,13 +116,9 @@ impl Endpoint {
             }
         }
         if let Some((cert, key)) = &ep.client_identity {
-            let mut pem = std::fs::read(cert)
-                .map_err(|e| ConfigError(format!("{ctx}: {}: {e}", cert.display())))?;
+            let mut pem = read(cert)?;
             pem.push(b'\n');
-            pem.extend(
-                std::fs::read(key)
-                    .map_err(|e| ConfigError(format!("{ctx}: {}: {e}", key.display())))?,
-            );
+            pem.extend(read(key)?);
             let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
                 ConfigError(format!("{ctx}: client certificate/key unusable ({e})"))
             })?;
@@ -536,17 +534,14 @@ impl Endpoint {
                 Error::BlobUnknown(digest.to_string())
             }));
         }
-        let from_range = resp
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_content_range)
-            .and_then(|(_, total)| total);
-        let header_len = content_length(resp.headers());
+        let h = resp.headers();
         let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
-            from_range
+            let range = h.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
+            range
+                .and_then(parse_content_range)
+                .and_then(|(_, total)| total)
         } else {
-            header_len
+            content_length(h)
         };
         // Dropping a GET response closes its connection: nothing more is downloaded.
         size.ok_or_else(|| Error::UpstreamFailed("blob size unknown (no Content-Length)".into()))

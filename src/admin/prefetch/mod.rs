@@ -26,6 +26,7 @@
 //! `interval`); [`start::spawn_schedule`] is the daemon's side.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt};
@@ -45,7 +46,7 @@ use crate::registry::manifest::{children, platform_matches, Descriptor};
 use crate::registry::{Digest, Reference, RegistryHost, Repository, Tag};
 use crate::state::AppState;
 use crate::upstream::limiter::Limiter;
-use crate::upstream::Upstream;
+use crate::upstream::{ManifestHead, Upstream};
 
 /// What to prefetch and how.
 #[derive(Debug, Clone)]
@@ -131,10 +132,7 @@ enum Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        Failure::Failed(match e.detail() {
-            Some(d) => format!("{e} ({d})"),
-            None => e.to_string(),
-        })
+        Failure::Failed(e.explained())
     }
 }
 
@@ -148,6 +146,16 @@ struct Ctx {
     progress: Arc<Progress>,
 }
 
+impl Ctx {
+    /// `fut`'s output, or `Cancelled` once the run is cancelled.
+    async fn until_cancelled<T>(&self, fut: impl Future<Output = T>) -> Result<T, Failure> {
+        self.cancel
+            .run_until_cancelled(fut)
+            .await
+            .ok_or(Failure::Cancelled)
+    }
+}
+
 /// Resolve the rules and fetch every image.
 pub async fn run(
     state: &AppState,
@@ -156,15 +164,10 @@ pub async fn run(
     progress: &Arc<Progress>,
 ) -> Outcome {
     let mut outcome = Outcome::default();
-    let targets = match cancel
-        .run_until_cancelled(resolve(state, opts, &mut outcome.failed))
-        .await
-    {
-        Some(t) => t,
-        None => {
-            outcome.cancelled = true;
-            return outcome;
-        }
+    let resolving = resolve(state, opts, &mut outcome.failed);
+    let Some(targets) = cancel.run_until_cancelled(resolving).await else {
+        outcome.cancelled = true;
+        return outcome;
     };
     progress.add_items(targets.len() as u64);
     let ctx = Arc::new(Ctx {
@@ -288,22 +291,15 @@ async fn fetch_image(ctx: &Ctx, t: &Target) -> Result<Fetched, Failure> {
         .cloned()
         .ok_or_else(|| Failure::Failed(format!("registry {} is not mirrored", t.registry)))?;
     let reference = Reference::Tag(t.tag.clone());
-    let head = cancel
-        .run_until_cancelled(mirror.head_tag(&up, &t.registry, &t.repo, &t.tag))
-        .await
-        .ok_or(Failure::Cancelled)?;
-    let root = match head {
-        Ok(h) if h.digest.is_some() => {
-            let d = h.digest.expect("matched");
-            manifest(ctx, &up, &t.repo, &d).await?
-        }
+    let head = mirror.head_tag(&up, &t.registry, &t.repo, &t.tag);
+    let root = match ctx.until_cancelled(head).await? {
+        Ok(ManifestHead {
+            digest: Some(d), ..
+        }) => manifest(ctx, &up, &t.repo, &d).await?,
         // Registries that refuse HEAD or omit the digest: GET by tag.
         Ok(_) | Err(Error::UpstreamFailed(_)) => {
-            let m = cancel
-                .run_until_cancelled(Mirror::get_manifest(&up, &t.repo, &reference, None))
-                .await
-                .ok_or(Failure::Cancelled)??;
-            (m, false)
+            let get = Mirror::get_manifest(&up, &t.repo, &reference, None);
+            (ctx.until_cancelled(get).await??, false)
         }
         Err(e) => return Err(e.into()),
     };
@@ -404,12 +400,7 @@ async fn manifest(
     }
     let reference = Reference::Digest(d.clone());
     let get = Mirror::get_manifest(up, repo, &reference, Some(d));
-    let m = ctx
-        .cancel
-        .run_until_cancelled(get)
-        .await
-        .ok_or(Failure::Cancelled)??;
-    Ok((m, false))
+    Ok((ctx.until_cancelled(get).await??, false))
 }
 
 /// Download one blob through the mirror (a client pulling the same blob
@@ -419,12 +410,8 @@ async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Fa
     if mirror.cache.index.contains(&blob.digest) {
         return Ok(false);
     }
-    let _permit = ctx
-        .cancel
-        .run_until_cancelled(ctx.permits.clone().acquire_owned())
-        .await
-        .ok_or(Failure::Cancelled)?
-        .map_err(|_| Failure::Cancelled)?;
+    let permit = ctx.until_cancelled(ctx.permits.clone().acquire_owned());
+    let _permit = permit.await?.map_err(|_| Failure::Cancelled)?;
     if mirror.cache.index.contains(&blob.digest) {
         return Ok(false);
     }
@@ -446,25 +433,16 @@ async fn fetch_blob(ctx: &Ctx, t: &Target, blob: &Descriptor) -> Result<bool, Fa
         })),
     };
     let open = mirror.open_blob(&t.registry, &t.repo, &blob.digest, &tap);
-    let (reply, result) = ctx
-        .cancel
-        .run_until_cancelled(open)
-        .await
-        .ok_or(Failure::Cancelled)??;
+    let (reply, result) = ctx.until_cancelled(open).await??;
     let flight = match reply {
         BlobReply::Flight { flight, .. } => flight,
         BlobReply::Cached(_) => return Ok(false),
         BlobReply::Full => return Err(Failure::Failed("the cache filesystem is full".to_string())),
     };
     let leader = result == CacheResult::Miss;
-    match ctx.cancel.run_until_cancelled(flight.finished()).await {
-        None => Err(Failure::Cancelled),
-        Some(Ok(size)) => {
-            if !leader {
-                ctx.progress.advance(size);
-            }
-            Ok(leader)
-        }
-        Some(Err(e)) => Err(e.into()),
+    let size = ctx.until_cancelled(flight.finished()).await??;
+    if !leader {
+        ctx.progress.advance(size);
     }
+    Ok(leader)
 }

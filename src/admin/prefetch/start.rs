@@ -14,7 +14,7 @@ use crate::admin::{
     fail, init_logging, stderr_is_terminal, AdminError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
 };
 use crate::cli::PrefetchArgs;
-use crate::config::{parse_capacity, Capacity, Config};
+use crate::config::{parse_rate, Config};
 use crate::state::AppState;
 
 /// Start the daemon's prefetch: once at start (`on_start`) and every
@@ -116,14 +116,11 @@ fn options(args: &PrefetchArgs, config: &Config) -> Result<Options, AdminError> 
         o.concurrency = c.clamp(1, 64);
     }
     if let Some(b) = &args.bandwidth {
-        o.bandwidth = match parse_capacity(b) {
-            Ok(Capacity::Bytes(b)) => Some(b),
-            _ => {
-                return Err(AdminError::Usage(format!(
-                    "--bandwidth {b:?}: expected a byte rate such as 20MiB (per second)"
-                )))
-            }
-        };
+        o.bandwidth = Some(parse_rate(b).ok_or_else(|| {
+            AdminError::Usage(format!(
+                "--bandwidth {b:?}: expected a byte rate such as 20MiB (per second)"
+            ))
+        })?);
     }
     o.page_size = args.page_size.clamp(1, 10_000);
     Ok(o)
