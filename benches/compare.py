@@ -13,8 +13,10 @@ Starts, on 127.0.0.1 ephemeral ports and inside one temporary directory:
 * **nginx** (sendfile on) serving the same blob file and a 530-byte file
   (the manifest's bytes);
 * two small counting TCP proxies (splice(2), so they add little CPU) between
-  the origin and berth / distribution-proxy, which count the bytes the origin
-  served and the HTTP requests it received.
+  the origin and the warm berth / distribution-proxy (and the mirrors of the
+  manifest-latency scenario), which count the bytes the origin served and the
+  HTTP requests it received. Cold runs have no such hop: their mirrors talk
+  to the origin directly and are counted from the origin's access log.
 
 It pushes a random blob (streamed, monolithic upload), a config blob and a
 small OCI manifest (tag ``latest``) to the origin, then measures:
@@ -23,8 +25,13 @@ small OCI manifest (tag ``latest``) to the origin, then measures:
    GiB served (utime+stime deltas from /proc/PID/stat, nginx master+workers),
    peak RSS split into RssAnon/RssFile (sampled every 50 ms);
 2. cold blob, 1, 8 and 32 simultaneous clients, berth and distribution-proxy
-   each restarted on an empty cache for every run: wall time, time to first
-   body byte of every client, bytes and requests the origin served;
+   each restarted on an empty cache for every run, talking to the origin
+   directly: wall time, time to first body byte of every client, bytes and
+   requests the origin served (from the origin's access log); then a real
+   containerd's cold pull (``ctr images pull`` through a hosts.toml mirror,
+   fresh containerd, namespace and empty mirror each run; all of its state
+   deleted after) of an image with one ``--ctr-mib`` MiB gzip layer, berth
+   vs distribution-proxy: wall, mirror CPU, origin bytes;
 3. cached manifest by tag and by digest with wrk (-t2 -c64 --latency) against
    nginx's 530-byte file, berth, the origin and distribution-proxy, counting
    origin requests during each run; then the latency of a light, steady stream
@@ -48,6 +55,7 @@ also on error or Ctrl-C. Processes are stopped by PID.
 import argparse
 import datetime
 import fcntl
+import gzip
 import hashlib
 import http.client
 import json
@@ -58,8 +66,10 @@ import shutil
 import signal
 import socket
 import statistics
+import resource
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -67,7 +77,8 @@ import traceback
 import urllib.parse
 from pathlib import Path
 
-from benchlib import REPO_ROOT, Proc, build_berth, free_port, log, start_with_port, strip_ansi
+from benchlib import (REPO_ROOT, Proc, build_berth, child_env, dead_port, free_port, log,
+                      start_with_port, strip_ansi)
 
 RESULTS_DIR = REPO_ROOT / "benches" / "results"
 KiB = 1 << 10
@@ -84,6 +95,9 @@ ACCEPT = (
     "application/vnd.oci.image.index.v1+json"
 )
 SMALL_FILE_SIZE = 530
+CTR_REPO = "library/ctrbench"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 RSS_INTERVAL = 0.05
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -442,6 +456,88 @@ class CountingProxy:
 
 
 # ---------------------------------------------------------------------------
+# the origin's own access log (cold runs: the mirror talks to the origin directly)
+
+ACCESS_LINE = re.compile(rb'^\S+ - \S+ \[[^\]]*\] "(\S+) (\S+) ([^"]*)" (\d{3}) (\d+|-)')
+
+
+def proc_io(pid):
+    """rchar + wchar of a process from /proc/PID/io: moves while the origin
+    reads a blob file or writes to a socket (also with sendfile)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            vals = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(vals["rchar"]) + int(vals["wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class OriginLog:
+    """Origin bytes and requests counted from distribution's access log (one
+    combined-log-format line per completed request: request line, status,
+    body bytes written), with no relay between mirror and origin. A line is
+    written only when its response is complete, so `wait_quiet` also watches
+    the origin's read/write byte counters: a blob still being sent (e.g.
+    distribution-proxy's second, background fetch) keeps them moving."""
+
+    def __init__(self, proc, path):
+        self.proc = proc
+        self.path = Path(path)
+
+    def offset(self):
+        """Snapshot before a run: lines before it (setup, pushes, earlier
+        runs) are not counted."""
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_quiet(self, offset, quiet=0.5, timeout=120.0, min_lines=1):
+        """Wait until at least `min_lines` requests were logged since `offset`
+        and neither the log nor the origin's I/O counters moved for `quiet`
+        seconds. False on timeout."""
+        deadline = time.monotonic() + timeout
+
+        def state():
+            return self.offset(), proc_io(self.proc.pid)
+
+        last, since = state(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = state()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif (time.monotonic() - since >= quiet
+                  and len(self.since(offset)[1]) >= min_lines):
+                return True
+        return False
+
+    def lines(self, offset):
+        """[(method, uri, proto, status, body bytes)] of the complete access
+        lines logged after `offset`."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return []
+        out = []
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            m = ACCESS_LINE.match(line)
+            if m:
+                method, uri, proto, status, written = (g.decode("latin-1") for g in m.groups())
+                out.append((method, uri, proto, int(status), int(written) if written != "-" else 0))
+        return out
+
+    def since(self, offset):
+        """(body bytes served, ["METHOD URI PROTO STATUS", ...]) of the
+        complete lines logged after `offset`."""
+        lines = self.lines(offset)
+        return (sum(x[4] for x in lines),
+                [f"{method} {uri} {proto} {status}" for method, uri, proto, status, _ in lines])
+
+
+# ---------------------------------------------------------------------------
 # clients
 
 
@@ -653,6 +749,153 @@ def push_manifest(port, repo, tag, body):
         conn.close()
 
 
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through
+    to `inner` (None: hash only)."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b):
+        self.h.update(b)
+        self.size += len(b)
+        if self.inner is not None:
+            self.inner.write(b)
+        return len(b)
+
+    def flush(self):
+        if self.inner is not None:
+            self.inner.flush()
+
+
+class _RandomReader:
+    def read(self, n=-1):
+        return os.urandom(min(n, MiB) if n and n > 0 else MiB)
+
+
+def make_layer(path, size):
+    """A real image layer: a gzip (level 1) tar holding one file of `size`
+    random bytes (so it does not compress). Returns (digest, compressed size,
+    diff_id = sha256 of the uncompressed tar)."""
+    with open(path, "wb") as f:
+        outer = _HashingWriter(f)
+        with gzip.GzipFile(fileobj=outer, mode="wb", compresslevel=1, mtime=0) as gz:
+            inner = _HashingWriter(gz)
+            with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT,
+                              copybufsize=MiB) as tar:
+                ti = tarfile.TarInfo("bench/data.bin")
+                ti.size, ti.mode, ti.mtime = size, 0o644, 0
+                tar.addfile(ti, _RandomReader())
+    return "sha256:" + outer.h.hexdigest(), outer.size, "sha256:" + inner.h.hexdigest()
+
+
+def go_arch():
+    m = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(m, m)
+
+
+def make_image(layer_digest, layer_size, diff_id):
+    """(config bytes, manifest bytes): an OCI image config whose rootfs
+    diff_ids match the layer's uncompressed tar (containerd checks that when
+    it unpacks) for this host's platform, and an OCI manifest for it."""
+    config = json.dumps({
+        "architecture": go_arch(), "os": "linux",
+        "config": {"Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created_by": "berth benches/compare.py"}],
+    }, separators=(",", ":")).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                   "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer_digest, "size": layer_size}],
+    }, separators=(",", ":")).encode()
+    return config, manifest
+
+
+# ---------------------------------------------------------------------------
+# a private containerd (like tests/common/containerd.rs)
+
+
+class Containerd:
+    """containerd with its own config, root, state and sockets under `base`:
+    no CRI, isolated content per namespace, proxies pointed at a dead port so
+    nothing but loopback is reachable. Stopped by PID."""
+
+    def __init__(self, base):
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.sock = base / "grpc.sock"
+        self.proxy = f"http://127.0.0.1:{dead_port()}"
+        cfg = base / "config.toml"
+        cfg.write_text(f"""version = 2
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{self.sock}"
+
+[ttrpc]
+  address = "{base / 'ttrpc.sock'}"
+
+[debug]
+  address = "{base / 'debug.sock'}"
+  level = "info"
+
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base / 'opt'}"
+""")
+        self.proc = Proc("containerd", ["/usr/bin/containerd", "--config", cfg],
+                         base / "containerd.log", env=self.env())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.proc.alive():
+                raise RuntimeError(f"containerd exited:\n{self.proc.log_text()}")
+            if self.sock.exists() and self.ctr(["version"], timeout=5).returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"containerd did not start:\n{self.proc.log_text()}")
+
+    def env(self):
+        return child_env({"HTTP_PROXY": self.proxy, "HTTPS_PROXY": self.proxy})
+
+    def argv(self, args, namespace=None):
+        return ["ctr", "-a", str(self.sock)] + (["-n", namespace] if namespace else []) + list(args)
+
+    def ctr(self, args, namespace=None, timeout=120):
+        argv = self.argv(args, namespace)
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                  env=self.env(), stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            return subprocess.CompletedProcess(argv, 124, "", f"timed out: {e}")
+
+    def stop(self):
+        self.proc.stop()
+
+    def remove(self):
+        """Stop the daemon and delete root, state and sockets (unmounting
+        anything left mounted under `base` first)."""
+        self.stop()
+        prefix = str(self.base) + "/"
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split()[1] for line in f]
+        except OSError:
+            mounts = []
+        for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------
 # latency probe (benches/latency_probe.py, in its own process)
 
@@ -737,7 +980,8 @@ class Suite:
         self.runs = args.runs
         self.problems = []  # misbehaviour, reported
         self.notes = []
-        self.data = dict(warm={}, cold={}, manifest={}, manifest_load={}, memory={}, startup={})
+        self.data = dict(warm={}, cold={}, ctr={}, manifest={}, manifest_load={}, memory={},
+                         startup={})
         self.servers = {}  # name -> (Proc, port, ns?)
 
     # -- setup ---------------------------------------------------------------
@@ -752,6 +996,7 @@ class Suite:
 
         log("starting the origin (docker-registry)")
         self.origin, self.origin_port = start_registry("origin", t / "origin")
+        self.origin_log = OriginLog(self.origin, t / "origin" / "registry.log")
         log(f"pushing blob {self.digest[:19]}... to the origin")
         tp = time.perf_counter()
         push_blob(self.origin_port, REPO, self.digest, self.size, path=blob)
@@ -856,23 +1101,35 @@ class Suite:
                     self.data["warm"].setdefault(f"{name}/{n}", []).append(rec)
 
     # -- cold ----------------------------------------------------------------
-    def _fresh_mirror(self, kind, idx):
+    def _fresh_mirror(self, kind, idx, direct=False):
+        """A mirror on an empty cache. Its origin link goes through the
+        counting proxy (returned as px), or with `direct` straight to the
+        origin (px is None: count with self.origin_log)."""
         base = self.tmp / f"cold-{kind}-{idx}"
         if kind == "berth":
+            px = None if direct else self.px_berth
             proc, port = start_berth(self.berth_bin, base / "cache", base / "berth.log",
-                                     self.px_berth.port, self.args.tag_ttl)
-            return proc, port, blob_path(self.digest, ns=True), self.px_berth, base
-        proc, port = start_registry("dist-proxy", base, f"http://127.0.0.1:{self.px_dist.port}")
-        return proc, port, blob_path(self.digest), self.px_dist, base
+                                     px.port if px else self.origin_port, self.args.tag_ttl)
+            return proc, port, blob_path(self.digest, ns=True), px, base
+        px = None if direct else self.px_dist
+        proc, port = start_registry("dist-proxy", base,
+                                    f"http://127.0.0.1:{px.port if px else self.origin_port}")
+        return proc, port, blob_path(self.digest), px, base
 
     def _cold_once(self, kind, n, idx, hash_bodies=False):
-        proc, port, path, px, base = self._fresh_mirror(kind, idx)
+        """One cold run, the mirror talking to the origin directly (no hop);
+        origin bytes and requests come from the origin's access log, read
+        once the origin has been quiet (the mirror's background downloads
+        are done)."""
+        proc, port, path, _, base = self._fresh_mirror(kind, idx, direct=True)
         try:
-            snap = px.snapshot()
+            off = self.origin_log.offset()
             with Meter(proc.pids()) as m:
                 run = run_clients(port, path, n, hash_bodies=hash_bodies)
-            px.wait_quiet()
-            origin_bytes, reqs = px.since(snap)
+            if not self.origin_log.wait_quiet(off):
+                self.problems.append(f"cold {kind} x{n}: the origin was not quiet within 120 s "
+                                     "after the clients finished (origin counts may be short)")
+            origin_bytes, reqs = self.origin_log.since(off)
             problems = check_clients(run, self.size, self.digest if hash_bodies else None,
                                      f"cold {kind} x{n}:")
             if kind == "berth":
@@ -896,6 +1153,8 @@ class Suite:
             shutil.rmtree(base, ignore_errors=True)
 
     def cold(self):
+        self.notes.append("cold runs are direct (no hop between mirror and origin); origin bytes "
+                          "and requests are counted from the origin's own access log")
         idx = 0
         for run_i in range(self.runs):
             for n in (1, 8, 32):
@@ -915,6 +1174,136 @@ class Suite:
             self.data["cold_verify"][kind] = dict(verified=rec["verified"], clients=8,
                                                   origin_ratio=rec["origin_ratio"],
                                                   origin_blob_gets=rec["origin_blob_gets"])
+
+    # -- containerd cold pull ------------------------------------------------
+    def _push_ctr_image(self):
+        mib_ = self.args.ctr_mib
+        path = self.tmp / "ctr-layer.tar.gz"
+        log(f"generating a {mib_} MiB single-layer image (random file in a gzip -1 tar)")
+        t = time.perf_counter()
+        layer, layer_size, diff_id = make_layer(path, mib_ * MiB)
+        log(f"  layer {layer[:19]}... ({layer_size / MiB:.1f} MiB) in {time.perf_counter() - t:.1f}s; "
+            f"pushing {CTR_REPO}:{TAG} to the origin")
+        push_blob(self.origin_port, CTR_REPO, layer, layer_size, path=path)
+        path.unlink()
+        config, manifest = make_image(layer, layer_size, diff_id)
+        push_blob(self.origin_port, CTR_REPO, "sha256:" + hashlib.sha256(config).hexdigest(),
+                  len(config), data=config)
+        push_manifest(self.origin_port, CTR_REPO, TAG, manifest)
+        self.ctr_image = dict(layer=layer, layer_size=layer_size, diff_id=diff_id,
+                              manifest_digest="sha256:" + hashlib.sha256(manifest).hexdigest())
+
+    def _ctr_mirror_served(self, kind, base):
+        """(status, bytes) of the mirror's own log line for the layer GET,
+        or None if the mirror logged no such request."""
+        layer = self.ctr_image["layer"]
+        if kind == "berth":
+            text = strip_ansi((base / "berth.log").read_text(errors="replace"))
+            for line in text.splitlines():
+                # berth::access: request method=GET path="/v2/..." status=200 ... result="miss" bytes="N"
+                if (re.search(rf'path="?/v2/{CTR_REPO}/blobs/{layer}"?(\s|$)', line)
+                        and re.search(r"\bmethod=\"?GET\b", line)):
+                    st = re.search(r'\bstatus="?(\d+)', line)
+                    b = re.search(r'\bbytes="?(\d+)', line)
+                    res = re.search(r'\bresult="?([^"\s]+)', line)
+                    return (int(st.group(1)) if st else None, int(b.group(1)) if b else None,
+                            res.group(1) if res else None)
+            return None
+        for method, uri, _, status, written in OriginLog(None, base / "registry.log").lines(0):
+            if method == "GET" and uri.split("?")[0] == f"/v2/{CTR_REPO}/blobs/{layer}":
+                return status, written, None
+        return None
+
+    def _ctr_once(self, kind, idx):
+        base = self.tmp / f"ctr-{kind}-{idx}"
+        base.mkdir(parents=True)
+        if kind == "berth":
+            proc, port = start_berth(self.berth_bin, base / "cache", base / "berth.log",
+                                     self.origin_port, self.args.tag_ttl)
+        else:
+            proc, port = start_registry("dist-proxy", base, f"http://127.0.0.1:{self.origin_port}")
+        ctd = None
+        try:
+            ctd = Containerd(base / "ctd")
+            hosts = base / "hosts"
+            (hosts / NS).mkdir(parents=True)
+            (hosts / NS / "hosts.toml").write_text(
+                f'server = "http://127.0.0.1:{dead_port()}"\n\n'
+                f'[host."http://127.0.0.1:{port}"]\n  capabilities = ["pull", "resolve"]\n')
+            ns = f"bench-{idx}"
+            ref = f"{NS}/{CTR_REPO}:{TAG}"
+            argv = ctd.argv(["images", "pull", "--plain-http", "--hosts-dir", str(hosts), ref], ns)
+            off = self.origin_log.offset()
+            ctd_cpu0 = cpu_ns_by_task(ctd.proc.pids())
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            with Meter(proc.pids()) as m:
+                t = time.perf_counter()
+                try:
+                    r = subprocess.run(argv, capture_output=True, text=True, timeout=900,
+                                       env=ctd.env(), stdin=subprocess.DEVNULL)
+                    rc, out = r.returncode, (r.stdout + r.stderr)
+                except subprocess.TimeoutExpired:
+                    rc, out = 124, "timed out after 900 s"
+                wall = time.perf_counter() - t
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            ctd_cpu = cpu_seconds_between(ctd_cpu0, cpu_ns_by_task(ctd.proc.pids()))
+            ctr_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+            problems = []
+            if rc != 0:
+                problems.append(f"ctr pull via {kind}: exit {rc}: {out[-600:]}")
+            # distribution-proxy keeps fetching the layer for its store after
+            # the pull: wait for the origin to go quiet before the next run.
+            if not self.origin_log.wait_quiet(off):
+                problems.append(f"ctr pull via {kind}: the origin was not quiet within 120 s")
+            origin_bytes, reqs = self.origin_log.since(off)
+            served = self._ctr_mirror_served(kind, base)
+            if served is None or served[0] != 200:
+                problems.append(f"ctr pull via {kind}: the mirror's log shows no 200 for the layer "
+                                f"GET ({served}): was it fetched elsewhere?")
+            elif served[1] not in (None, self.ctr_image["layer_size"]):
+                problems.append(f"ctr pull via {kind}: the mirror served {served[1]} bytes of the "
+                                f"layer, expected {self.ctr_image['layer_size']}")
+            if rc == 0:
+                listed = ctd.ctr(["images", "ls", "-q"], ns, timeout=30).stdout.split()
+                if ref not in listed:
+                    problems.append(f"ctr pull via {kind}: {ref} not listed after the pull ({listed})")
+            if kind == "berth":
+                problems += scan_berth_log(base / "berth.log", f"ctr pull via {kind}")
+            layer = self.ctr_image["layer"]
+            return dict(
+                wall_s=wall if rc == 0 else None, rc=rc, cpu_s=m.cpu, peak=m.peak,
+                containerd_cpu_s=ctd_cpu, ctr_cpu_s=ctr_cpu,
+                origin_bytes=origin_bytes, origin_ratio=origin_bytes / self.ctr_image["layer_size"],
+                origin_layer_gets=sum(1 for q in reqs if q.startswith("GET ") and layer in q),
+                origin_requests=reqs, mirror_layer=served,
+            ), problems
+        finally:
+            if ctd is not None:
+                ctd.remove()
+            proc.stop()
+            shutil.rmtree(base, ignore_errors=True)
+
+    def ctr(self):
+        """A real containerd's cold pull of a large single-layer image through
+        a fresh, empty mirror (talking to the origin directly), berth and
+        distribution-proxy in the same run; a fresh containerd and namespace
+        each pull, all of its state deleted afterwards."""
+        if os.geteuid() != 0 or not (shutil.which("ctr") and os.path.exists("/usr/bin/containerd")):
+            self.notes.append("containerd scenario skipped: needs root, /usr/bin/containerd and ctr")
+            return
+        self._push_ctr_image()
+        idx = 0
+        for run_i in range(self.runs):
+            kinds = ("berth", "dist-proxy") if run_i % 2 == 0 else ("dist-proxy", "berth")
+            for kind in kinds:
+                idx += 1
+                log(f"containerd cold pull run {run_i + 1}/{self.runs}: {kind}, empty mirror, "
+                    f"fresh containerd (namespace bench-{idx})")
+                rec, problems = self._ctr_once(kind, idx)
+                self.problems += problems
+                log(f"  {kind}: {fmt_num(rec['wall_s'], 2)} s, mirror CPU {rec['cpu_s']:.2f} s, "
+                    f"origin {rec['origin_ratio']:.3f}x")
+                self.data["ctr"].setdefault(kind, []).append(rec)
 
     # -- manifests -----------------------------------------------------------
     def manifests(self):
@@ -1205,7 +1594,8 @@ def render(suite, meta):
     w("")
 
     # cold
-    w(f"## Cold blob ({size_label}, empty mirror cache each run; origin via counting proxy)")
+    w(f"## Cold blob ({size_label}, empty mirror cache each run; mirror -> origin direct, "
+      "origin counted from its access log)")
     w("")
     w("| mirror | clients | wall s | delivered MiB/s | leader TTFB ms | follower TTFB spread ms "
       "(max−leader) | origin bytes / blob | origin blob GETs | server CPU s | peak RssAnon MiB | "
@@ -1239,8 +1629,10 @@ def render(suite, meta):
             f"{k}: {v['verified']}/{v['clients']} bodies with the right sha256, origin bytes "
             f"{v['origin_ratio']:.3f}x, {v['origin_blob_gets']} origin blob GET(s)" for k, v in cv.items()))
     w("")
-    w("Origin bytes include response headers and are counted until the origin link is quiet for "
-      "0.5 s after the clients finished. distribution 2.8 in proxy mode sends every concurrent "
+    w("Cold runs have no hop between mirror and origin: each fresh mirror talks to the origin "
+      "directly, and origin bytes (response bodies) and requests are read from the origin's own "
+      "access log (lines logged before the run are skipped), once the log and the origin's I/O "
+      "counters have been still for 0.5 s after the clients finished. distribution 2.8 in proxy mode sends every concurrent "
       "miss to the origin separately, and for the first one it fetches the blob a second time "
       "to store it (hence 2 GETs for 1 client); server CPU covers the clients' requests only.")
     w("")
@@ -1261,6 +1653,45 @@ def render(suite, meta):
         targets.append((f"cold x{n}: every follower's first byte within 50 ms of the leader's (berth)",
                         f"median spread {fmt_num(c['spread'], 1)} ms, worst run {fmt_num(c['spread_max'], 1)} ms",
                         None if c["spread"] is None else c["spread"] <= 50))
+
+    # containerd
+    cd = d.get("ctr") or {}
+    if cd:
+        ci = getattr(suite, "ctr_image", {})
+        w(f"## containerd cold pull (image with one {suite.args.ctr_mib} MiB gzip layer; empty mirror, "
+          "fresh containerd and namespace each run; mirror -> origin direct)")
+        w("")
+        w("| mirror | runs | pull wall s per run | wall s median [min–max] | mirror CPU s | "
+          "containerd + ctr CPU s | origin bytes / layer |")
+        w("|---|---:|---|---:|---:|---:|---:|")
+        ctr_med = {}
+        for kind in ("berth", "dist-proxy"):
+            recs = cd.get(kind, [])
+            walls = [r["wall_s"] for r in recs]
+            ctr_med[kind] = med(walls)
+            w(f"| {kind} | {len(recs)} | "
+              f"{', '.join(fmt_num(x, 2) for x in walls)} | {fmt_runs(walls, 2)} | "
+              f"{fmt_runs([r['cpu_s'] for r in recs], 2)} | "
+              f"{fmt_runs([r['containerd_cpu_s'] + r['ctr_cpu_s'] for r in recs], 2)} | "
+              f"{fmt_runs([r['origin_ratio'] for r in recs], 3)} |")
+        r = ratio(ctr_med.get("berth"), ctr_med.get("dist-proxy"))
+        w("")
+        w(f"berth / distribution proxy, medians: **{fmt_ratio(r)}**.")
+        w("")
+        w(f"`ctr -n bench-N images pull --plain-http --hosts-dir DIR docker.io/{CTR_REPO}:{TAG}` "
+          "against a private containerd (/usr/bin/containerd, no CRI, isolated content store, "
+          "overlayfs snapshotter); `DIR/docker.io/hosts.toml` names a dead loopback port as "
+          "`server` and the mirror as the only `[host]` (pull, resolve). Wall = the ctr process "
+          "from spawn to exit (resolve, fetch, unpack). The layer is a tar of one random file, "
+          f"gzip -1 ({fmt_num(ci.get('layer_size', 0) / MiB, 1)} MiB compressed). Each mirror logged "
+          "its own 200 for the layer GET (checked). Order alternates between runs. Origin bytes "
+          "come from the origin's access log; mirror CPU covers the pull only, not "
+          "distribution-proxy's background copy after it.")
+        w("")
+        targets.append(("containerd cold pull median <= 1.0x distribution proxy",
+                        f"{fmt_ratio(r)} ({fmt_num(ctr_med.get('berth'), 2)} s vs "
+                        f"{fmt_num(ctr_med.get('dist-proxy'), 2)} s)",
+                        None if r is None else r <= 1.0))
 
     # manifests
     w(f"## Cached manifest ({len(suite.manifest)} bytes), wrk -t2 -c64 -d{suite.args.wrk_seconds}s")
@@ -1467,7 +1898,10 @@ def main():
     ap.add_argument("--probe-seconds", type=float, default=None,
                     help="manifest latency measured alone for this long (default 10, quick 3)")
     ap.add_argument("--only", default=None,
-                    help="comma-separated subset of: warm,manifests,load,cold,startup")
+                    help="comma-separated subset of: warm,manifests,load,cold,ctr,startup")
+    ap.add_argument("--ctr-mib", type=int, default=None,
+                    help="size of the single layer of the image containerd pulls cold in the "
+                         "ctr scenario (default 512, quick 64)")
     ap.add_argument("--startup-blobs", type=int, default=100_000,
                     help="cached blobs for the start-up test (default 100000)")
     ap.add_argument("--berth-bin", help="use this berth binary instead of building one")
@@ -1479,7 +1913,8 @@ def main():
     args.wrk_seconds = args.wrk_seconds or (3 if args.quick else 10)
     args.load_mib = args.load_mib or (32 if args.quick else 256)
     args.probe_seconds = args.probe_seconds or (3 if args.quick else 10)
-    everything = ["warm", "manifests", "load", "cold", "startup"]
+    args.ctr_mib = args.ctr_mib or (64 if args.quick else 512)
+    everything = ["warm", "manifests", "load", "cold", "ctr", "startup"]
     args.only = args.only.split(",") if args.only else everything
     if set(args.only) - set(everything):
         raise SystemExit(f"--only: unknown scenario(s) {set(args.only) - set(everything)}")
@@ -1517,6 +1952,8 @@ def main():
             suite.manifest_under_load()
         if "cold" in args.only:
             suite.cold()
+        if "ctr" in args.only:
+            suite.ctr()
         if "startup" in args.only:
             suite.startup()
         meta["loadavg_end"] = loadavg()
