@@ -11,7 +11,7 @@ use std::fs::File;
 use std::path::Path;
 use std::time::Duration;
 
-use common::berth::{blob_path, Berth};
+use common::berth::{blob_path, settled, Berth};
 use common::content::{self, Blob, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -107,6 +107,7 @@ async fn truncated_cache_file_is_survived_and_refetched(transport: Transport) {
         let (status, body) = get(&http, &url).await.expect("GET");
         assert_eq!(status, 200);
         assert_eq!(content::digest_of(&body), blob.digest);
+        assert!(settled(berth.cache_dir()).await);
     }
     let path = blob_path(berth.cache_dir(), &blob.digest);
     File::options()

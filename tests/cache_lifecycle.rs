@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{blob_path, Berth};
+use common::berth::{blob_path, settled, Berth};
 use common::content::{self, Blob, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -119,6 +119,7 @@ async fn pull(http: &reqwest::Client, berth: &Berth, repo: &str, blob: &Blob) {
     assert_eq!(resp.status(), 200, "{}", blob.digest);
     let body = resp.bytes().await.expect("blob body");
     assert_eq!(content::digest_of(&body), blob.digest, "exact bytes");
+    assert!(settled(berth.cache_dir()).await, "download settled");
 }
 
 /// Sets the flag when dropped (also when a test panics), so that a sampling

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{blob_path, Berth};
+use common::berth::{blob_path, settled, Berth};
 use common::content::{self, Blob, Image, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::{CountingProxy, Record};
@@ -238,6 +238,7 @@ async fn cuts_at_any_offset_are_resumed_with_range_and_clients_get_exact_bytes()
             Some("bytes=1200000-".to_owned())
         ]
     );
+    assert!(settled(env.berth.cache_dir()).await);
     assert_eq!(tmp_files(&env.berth), 0);
 }
 
@@ -747,6 +748,7 @@ async fn redirects_into_private_addresses_are_refused_unless_allowed() {
         // Cached by the first registry: the second is a hit.
         assert!(target.blob_gets() <= 1);
     }
+    assert!(settled(berth.cache_dir()).await);
     assert!(blob_path(berth.cache_dir(), &layer.digest).is_file());
 }
 
@@ -914,6 +916,7 @@ async fn redirects_to_a_name_resolving_to_loopback_are_refused_unless_allowed() 
     assert_eq!(body.unwrap(), layer.bytes);
     assert!(target.connections.load(Ordering::SeqCst) >= 1);
     assert_eq!(target.seen().len(), 1, "{:?}", target.seen());
+    assert!(settled(berth.cache_dir()).await);
     assert!(blob_path(berth.cache_dir(), &layer.digest).is_file());
 }
 

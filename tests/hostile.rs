@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::berth::Berth;
+use common::berth::{settled, Berth};
 use common::content::{self, Image, MediaKind};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -1100,6 +1100,7 @@ async fn cached_private_content_needs_upstream_proof_through_another_registry() 
     let (st, head, body) = raw(&a, &get(&private_blob, "")).await;
     assert_eq!(st, 200, "{head}");
     assert_eq!(body, layer.bytes.as_ref());
+    assert!(settled(cache.path()).await);
     for d in [&layer.digest, manifest] {
         let hex = d.strip_prefix("sha256:").unwrap();
         let record = cache.path().join("private/sha256").join(hex);

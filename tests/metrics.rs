@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::berth::Berth;
+use common::berth::{settled, Berth};
 use common::content::{self, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -410,6 +410,7 @@ async fn json_access_log_has_one_line_per_request() {
     via.get_blob("library/logged", &image.layers[0].digest)
         .await
         .unwrap();
+    assert!(settled(berth.cache_dir()).await);
     via.get_blob("library/logged", &image.layers[0].digest)
         .await
         .unwrap();

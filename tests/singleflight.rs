@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::berth::{blob_path, Berth};
+use common::berth::{blob_path, settled, Berth};
 use common::content::{self, Blob, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::{CountingProxy, Record};
@@ -221,6 +221,7 @@ async fn sixty_four_concurrent_misses_make_one_upstream_get() {
         "the blob crossed the uplink once"
     );
     assert!(recs[0].req_headers.get("range").is_none());
+    assert!(settled(env.berth.cache_dir()).await);
     assert!(env.cached_path(&layer.digest).is_file(), "published");
 }
 
@@ -352,6 +353,7 @@ async fn origin_cut_mid_stream_is_resumed_with_range() {
         layer.size() - cut,
         "only the rest is fetched"
     );
+    assert!(settled(env.berth.cache_dir()).await);
     assert!(env.cached_path(&layer.digest).is_file(), "published");
 }
 
@@ -452,6 +454,7 @@ async fn corrupted_upstream_bytes_are_never_delivered_whole_nor_published() {
     let body = resp.bytes().await.expect("healthy body");
     assert_eq!(content::digest_of(&body), layer.digest);
     assert_eq!(env.proxy.blob_gets(), 1, "refetched");
+    assert!(settled(env.berth.cache_dir()).await);
     assert!(env.cached_path(&layer.digest).is_file(), "published now");
     env.proxy.reset();
     let body = env.get(&url, None).await.bytes().await.unwrap();

@@ -229,6 +229,25 @@ async fn wait_tcp(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
 }
 
 /// Where berth publishes blob `digest` under the cache directory `cache`.
+/// Wait (at most 10 s) until no download is left in `cache/tmp/`; false if
+/// one still is. A client gets a blob's last byte as soon as its sha256
+/// matched, before berth fsyncs and renames it into the cache (README,
+/// "Crash safety"), so a test that looks at the cache right after a pull,
+/// or needs the next request to be a hit, waits here first.
+pub async fn settled(cache: &Path) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let busy = std::fs::read_dir(cache.join("tmp")).map_or(0, |rd| rd.count());
+        if busy == 0 {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn blob_path(cache: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
     cache.join("blobs/sha256").join(&hex[..2]).join(hex)

@@ -396,11 +396,14 @@ fn outlasts(
     let (Some(size), elapsed) = (size, now - start) else {
         return false;
     };
-    // Trust the rate only after a tenth of the hold.
-    if received == 0 || elapsed < (until - start) / 10 {
+    // An early rate is trusted only by a wide margin: after 2 % of the hold
+    // the download must need 5x the hold, after 10 % and later 1x.
+    let hold = until - start;
+    if received == 0 || elapsed < hold / 50 {
         return false;
     }
-    start + elapsed.mul_f64(size as f64 / received as f64) > until
+    let margin = (hold.as_secs_f64() / 10.0 / elapsed.as_secs_f64()).max(1.0);
+    elapsed.mul_f64(size as f64 / received as f64) > hold.mul_f64(margin)
 }
 
 fn gone(what: &str) -> Error {

@@ -29,8 +29,9 @@
 //! Past the hold, bytes stream as they arrive (a large blob on a slow link
 //! must make progress), and a mismatch aborts the readers; the endpoint that
 //! served the bytes is then asked last for that blob. A download whose rate
-//! (sampled over the first tenth of the hold) shows it will outlast the hold
-//! is released at once: the hold could not verify it first, only delay it.
+//! shows it will outlast the hold is released at once: the hold could not
+//! verify it first, only delay it (an early rate counts only by a margin: 5x
+//! the hold after 2 % of it, 1x from a tenth of it on).
 //!
 //! The last byte leaves as soon as the sha256 matched; the fsync and the
 //! rename into the cache follow without any client waiting for them.
