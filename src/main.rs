@@ -17,6 +17,14 @@ const EX_USAGE: i32 = 64;
 /// 7, and nothing else moved (an `epoll_wait` with no timeout is cheap).
 const EVENT_INTERVAL: u32 = 7;
 
+/// jemalloc instead of glibc's malloc. A cold download allocates a fresh
+/// receive buffer for every upstream read (hyper, ~400 KiB) and frees it on
+/// the hasher or writer thread; glibc returned those pages to the kernel and
+/// faulted them in again, zeroed, for the next read (7 % of berth's CPU in
+/// `perf`). jemalloc keeps freed pages for reuse (BENCHMARKS.md, "Cold path").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     use berth::{admin, node};
     let code = match Cli::parse().command {

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 
-packages=(docker-registry containerd skopeo nginx-light prometheus curl ca-certificates)
+packages=(docker-registry containerd skopeo nginx-light prometheus curl ca-certificates make)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
