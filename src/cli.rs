@@ -312,7 +312,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BERTH_MIN_RATE")]
     pub min_rate: Option<String>,
     /// A download hands out no byte for this long, so a blob that arrives
-    /// within it is verified before any byte is served (`0s`: stream at once).
+    /// within it is verified before any byte is served; one whose rate shows
+    /// it will outlast the hold streams at once (`0s`: always stream at once).
     #[arg(long, env = "BERTH_VERIFY_HOLD", value_parser = humantime::parse_duration)]
     pub verify_hold: Option<Duration>,
     /// Clients must send a request's headers within this time; slower (or
