@@ -1,11 +1,13 @@
 """Shared by benches/compare.py and benches/soak.py (python3 stdlib only):
 logging, ports, child processes started in their own session and stopped by
-PID, HTTP readiness checks, and building the berth binary."""
+PID, HTTP readiness checks, building the berth binary, and a private
+containerd with a hosts.toml pointing at a mirror."""
 
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,3 +183,95 @@ def build_berth(args):
     if not b.is_file():
         raise SystemExit(f"berth binary not found at {b}")
     return b
+
+
+# ---------------------------------------------------------------------------
+# a private containerd (like tests/common/containerd.rs), used by
+# compare.py's `ctr` scenario and soak.py's ctr pulls
+
+
+class Containerd:
+    """containerd with its own config, root, state and sockets under `base`:
+    no CRI, isolated content per namespace, proxies pointed at a dead port so
+    nothing but loopback is reachable. Stopped by PID."""
+
+    def __init__(self, base, level="info"):
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.sock = base / "grpc.sock"
+        self.proxy = f"http://127.0.0.1:{dead_port()}"
+        cfg = base / "config.toml"
+        cfg.write_text(f"""version = 2
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{self.sock}"
+
+[ttrpc]
+  address = "{base / 'ttrpc.sock'}"
+
+[debug]
+  address = "{base / 'debug.sock'}"
+  level = "{level}"
+
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base / 'opt'}"
+""")
+        self.proc = Proc("containerd", ["/usr/bin/containerd", "--config", cfg],
+                         base / "containerd.log", env=self.env())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.proc.alive():
+                raise RuntimeError(f"containerd exited:\n{self.proc.log_text()}")
+            if self.sock.exists() and self.ctr(["version"], timeout=5).returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"containerd did not start:\n{self.proc.log_text()}")
+
+    def env(self):
+        return child_env({"HTTP_PROXY": self.proxy, "HTTPS_PROXY": self.proxy})
+
+    def argv(self, args, namespace=None):
+        return ["ctr", "-a", str(self.sock)] + (["-n", namespace] if namespace else []) + list(args)
+
+    def ctr(self, args, namespace=None, timeout=120):
+        argv = self.argv(args, namespace)
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                  env=self.env(), stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            return subprocess.CompletedProcess(argv, 124, "", f"timed out: {e}")
+
+    def stop(self):
+        self.proc.stop()
+
+    def remove(self):
+        """Stop the daemon and delete root, state and sockets (unmounting
+        anything left mounted under `base` first)."""
+        self.stop()
+        prefix = str(self.base) + "/"
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split()[1] for line in f]
+        except OSError:
+            mounts = []
+        for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def mirror_hosts(hosts_dir, registry, mirror_port):
+    """Write `hosts_dir/<registry>/hosts.toml` sending pulls to the mirror on
+    `mirror_port`; the registry's own `server` is a dead loopback port, so a
+    fallback cannot leave the machine. Returns `hosts_dir` (for `--hosts-dir`)."""
+    (hosts_dir / registry).mkdir(parents=True)
+    (hosts_dir / registry / "hosts.toml").write_text(
+        f'server = "http://127.0.0.1:{dead_port()}"\n\n'
+        f'[host."http://127.0.0.1:{mirror_port}"]\n  capabilities = ["pull", "resolve"]\n')
+    return hosts_dir

@@ -77,7 +77,7 @@ import traceback
 import urllib.parse
 from pathlib import Path
 
-from benchlib import (REPO_ROOT, Proc, build_berth, child_env, dead_port, free_port, log,
+from benchlib import (REPO_ROOT, Containerd, Proc, build_berth, free_port, log, mirror_hosts,
                       start_with_port, strip_ansi)
 
 RESULTS_DIR = REPO_ROOT / "benches" / "results"
@@ -817,86 +817,6 @@ def make_image(layer_digest, layer_size, diff_id):
 
 
 # ---------------------------------------------------------------------------
-# a private containerd (like tests/common/containerd.rs)
-
-
-class Containerd:
-    """containerd with its own config, root, state and sockets under `base`:
-    no CRI, isolated content per namespace, proxies pointed at a dead port so
-    nothing but loopback is reachable. Stopped by PID."""
-
-    def __init__(self, base):
-        self.base = base
-        base.mkdir(parents=True, exist_ok=True)
-        self.sock = base / "grpc.sock"
-        self.proxy = f"http://127.0.0.1:{dead_port()}"
-        cfg = base / "config.toml"
-        cfg.write_text(f"""version = 2
-root = "{base / 'root'}"
-state = "{base / 'state'}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{self.sock}"
-
-[ttrpc]
-  address = "{base / 'ttrpc.sock'}"
-
-[debug]
-  address = "{base / 'debug.sock'}"
-  level = "info"
-
-[plugins."io.containerd.metadata.v1.bolt"]
-  content_sharing_policy = "isolated"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{base / 'opt'}"
-""")
-        self.proc = Proc("containerd", ["/usr/bin/containerd", "--config", cfg],
-                         base / "containerd.log", env=self.env())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not self.proc.alive():
-                raise RuntimeError(f"containerd exited:\n{self.proc.log_text()}")
-            if self.sock.exists() and self.ctr(["version"], timeout=5).returncode == 0:
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"containerd did not start:\n{self.proc.log_text()}")
-
-    def env(self):
-        return child_env({"HTTP_PROXY": self.proxy, "HTTPS_PROXY": self.proxy})
-
-    def argv(self, args, namespace=None):
-        return ["ctr", "-a", str(self.sock)] + (["-n", namespace] if namespace else []) + list(args)
-
-    def ctr(self, args, namespace=None, timeout=120):
-        argv = self.argv(args, namespace)
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                  env=self.env(), stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as e:
-            return subprocess.CompletedProcess(argv, 124, "", f"timed out: {e}")
-
-    def stop(self):
-        self.proc.stop()
-
-    def remove(self):
-        """Stop the daemon and delete root, state and sockets (unmounting
-        anything left mounted under `base` first)."""
-        self.stop()
-        prefix = str(self.base) + "/"
-        try:
-            with open("/proc/self/mounts") as f:
-                mounts = [line.split()[1] for line in f]
-        except OSError:
-            mounts = []
-        for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------
 # latency probe (benches/latency_probe.py, in its own process)
 
 
@@ -1225,11 +1145,7 @@ class Suite:
         ctd = None
         try:
             ctd = Containerd(base / "ctd")
-            hosts = base / "hosts"
-            (hosts / NS).mkdir(parents=True)
-            (hosts / NS / "hosts.toml").write_text(
-                f'server = "http://127.0.0.1:{dead_port()}"\n\n'
-                f'[host."http://127.0.0.1:{port}"]\n  capabilities = ["pull", "resolve"]\n')
+            hosts = mirror_hosts(base / "hosts", NS, port)
             ns = f"bench-{idx}"
             ref = f"{NS}/{CTR_REPO}:{TAG}"
             argv = ctd.argv(["images", "pull", "--plain-http", "--hosts-dir", str(hosts), ref], ns)

@@ -58,7 +58,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from benchlib import Proc, build_berth, child_env, dead_port, log, start_with_port
+from benchlib import (Containerd, Proc, build_berth, child_env, log, mirror_hosts,
+                      start_with_port)
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 KiB, MiB = 1024, 1024 * 1024
@@ -283,68 +284,7 @@ def cold_fetcher(port, inbox, stats, stop):
         c.close()
 
 
-class Containerd:
-    """A private containerd like tests/common/containerd.rs: no CRI, isolated
-    content, proxies pointed at a dead port."""
-
-    def __init__(self, base, berth_port):
-        self.base = base
-        base.mkdir(parents=True, exist_ok=True)
-        self.sock = base / "grpc.sock"
-        self.proxy = f"http://127.0.0.1:{dead_port()}"
-        cfg = base / "config.toml"
-        cfg.write_text(f"""version = 2
-root = "{base / 'root'}"
-state = "{base / 'state'}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{self.sock}"
-[ttrpc]
-  address = "{base / 'ttrpc.sock'}"
-[debug]
-  address = "{base / 'debug.sock'}"
-  level = "warn"
-[plugins."io.containerd.metadata.v1.bolt"]
-  content_sharing_policy = "isolated"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{base / 'opt'}"
-""")
-        hosts = base / "hosts" / NS
-        hosts.mkdir(parents=True)
-        (hosts / "hosts.toml").write_text(
-            f'server = "http://127.0.0.1:{dead_port()}"\n\n'
-            f'[host."http://127.0.0.1:{berth_port}"]\n  capabilities = ["pull", "resolve"]\n')
-        self.hosts_dir = base / "hosts"
-        self.proc = Proc("containerd", ["containerd", "--config", cfg], base / "containerd.log",
-                         env=self.env())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not self.proc.alive():
-                raise RuntimeError(f"containerd exited:\n{self.proc.log_text()}")
-            if self.sock.exists() and self.ctr(["version"], timeout=5).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("containerd did not start")
-
-    def env(self):
-        return child_env({"HTTP_PROXY": self.proxy, "HTTPS_PROXY": self.proxy,
-                          "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
-
-    def ctr(self, args, namespace=None, timeout=120):
-        argv = ["ctr", "-a", str(self.sock)]
-        if namespace:
-            argv += ["-n", namespace]
-        try:
-            return subprocess.run(argv + args, capture_output=True, text=True,
-                                  timeout=timeout, env=self.env(), stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as e:
-            return subprocess.CompletedProcess(argv, 124, "", f"timed out: {e}")
-
-    def stop(self):
-        self.proc.stop()
-
-
-def ctr_worker(ctd, images, stats, stop):
+def ctr_worker(ctd, hosts_dir, images, stats, stop):
     n = 0
     while not stop.wait(15.0):
         threads, results = [], {}
@@ -354,7 +294,7 @@ def ctr_worker(ctd, images, stats, stop):
             ref = f"{NS}/{img['repo']}:{img['tag']}"
 
             def pull(ns=ns, ref=ref):
-                r = ctd.ctr(["content", "fetch", "--hosts-dir", str(ctd.hosts_dir), ref], ns)
+                r = ctd.ctr(["content", "fetch", "--hosts-dir", str(hosts_dir), ref], ns)
                 results[ns] = r
             threads.append(threading.Thread(target=pull))
         for t in threads:
@@ -470,7 +410,8 @@ health:
         use_ctr = not args.no_ctr and shutil.which("containerd") and shutil.which("ctr") \
             and os.geteuid() == 0
         if use_ctr:
-            ctd = Containerd(base / "ctd", port)
+            ctd = Containerd(base / "ctd", level="warn")
+            ctd_hosts = mirror_hosts(base / "ctd" / "hosts", NS, port)
             log("private containerd started; ctr pulls every 15 s")
         elif not args.no_ctr:
             log("containerd/ctr not available (or not root): no ctr pulls")
@@ -485,7 +426,7 @@ health:
             threads.append(threading.Thread(target=cold_fetcher, args=(port, q, stats, stop),
                                             daemon=True))
         if ctd:
-            threads.append(threading.Thread(target=ctr_worker, args=(ctd, images, stats, stop),
+            threads.append(threading.Thread(target=ctr_worker, args=(ctd, ctd_hosts, images, stats, stop),
                                             daemon=True))
         for t in threads:
             t.start()
