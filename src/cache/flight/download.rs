@@ -157,12 +157,15 @@ pub(super) async fn run(
         let actual = hasher
             .await
             .map_err(|e| Error::Internal(format!("hasher task: {e}")))?;
-        let written = written.and_then(|n| match &actual == digest {
-            true => Ok(n),
-            false => Err(Error::DigestMismatch {
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            }),
+        let written = written.and_then(|n| {
+            if &actual == digest {
+                Ok(n)
+            } else {
+                Err(Error::DigestMismatch {
+                    expected: digest.to_string(),
+                    actual: actual.to_string(),
+                })
+            }
         });
         // A local write failure (disk full) is the real cause even if the pump
         // then saw the writer go away.

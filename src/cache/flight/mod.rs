@@ -126,16 +126,15 @@ impl Flight {
             pos: start,
             end,
             mapped: None,
-            verified: None,
+            final_size: None,
         };
         futures_util::stream::unfold(reader, |mut r| async move {
             match r.next_chunk().await {
                 Ok(Some(b)) => Some((Ok(b), r)),
                 Ok(None) => None,
                 Err(e) => {
-                    // End the stream after the error.
-                    r.state = watch::channel(State::Done { size: 0 }).1;
-                    r.verified = None;
+                    // End the stream after the error: nothing more to read.
+                    r.final_size = Some(0);
                     Some((Err(e), r))
                 }
             }
@@ -150,8 +149,9 @@ struct Reader {
     end: u64,
     /// The file mapped at its final size; only written bytes are sliced.
     mapped: Option<super::mmap::Growing>,
-    /// The size, once the bytes were verified.
-    verified: Option<u64>,
+    /// The size once the bytes are final (verified): from then on the
+    /// flight's later state no longer matters to this reader.
+    final_size: Option<u64>,
 }
 
 impl Reader {
@@ -159,7 +159,7 @@ impl Reader {
         loop {
             // Once verified, the bytes are final whatever happens to the
             // flight after (a failed fsync only keeps them out of the cache).
-            let state = match self.verified {
+            let state = match self.final_size {
                 Some(size) => State::Verified { size },
                 None => self.state.borrow_and_update().clone(),
             };
@@ -168,7 +168,7 @@ impl Reader {
                     return Err(std::io::Error::other(format!("upstream fetch failed: {e}")))
                 }
                 State::Verified { size } | State::Done { size } => {
-                    self.verified = Some(size);
+                    self.final_size = Some(size);
                     let limit = size.min(self.end);
                     if self.pos >= limit {
                         return Ok(None);
