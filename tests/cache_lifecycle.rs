@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{blob_path, settled, Berth};
+use common::berth::{blob_path, settled, tmp_files, Berth};
 use common::content::{self, Blob, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -54,16 +54,6 @@ fn du(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-fn tmp_files(cache: &Path) -> Vec<String> {
-    std::fs::read_dir(cache.join("tmp"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// An origin behind a counting proxy, without berth (tests start it).

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{Berth, BERTH_BIN};
+use common::berth::{tmp_files, Berth, BERTH_BIN};
 use common::content::{self, Blob, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -116,12 +116,6 @@ fn tag_records_intact(cache: &Path) -> usize {
     records.len()
 }
 
-fn tmp_count(cache: &Path) -> usize {
-    std::fs::read_dir(cache.join("tmp"))
-        .map(|rd| rd.count())
-        .unwrap_or(0)
-}
-
 /// `berth verify --cache-dir DIR`: (exit success, stdout).
 fn berth_verify(cache: &Path) -> (bool, String) {
     let out = Command::new(BERTH_BIN)
@@ -196,7 +190,7 @@ async fn kill_9_during_concurrent_ingests_never_leaves_corrupt_or_partial_conten
     for round in 0..ROUNDS {
         let mut berth = Berth::start_with_dir(cache, &args).await;
         assert_eq!(
-            tmp_count(cache),
+            tmp_files(cache).len(),
             0,
             "round {round}: a restart leaves no temporary file"
         );
@@ -245,7 +239,7 @@ async fn kill_9_during_concurrent_ingests_never_leaves_corrupt_or_partial_conten
             .filter(|r| r.path.contains("/blobs/") && r.method == "GET" && !r.completed)
             .count();
         berth.kill9();
-        let leftovers = tmp_count(cache);
+        let leftovers = tmp_files(cache).len();
         interrupted += leftovers;
         eprintln!(
             "round {round}: {} KiB/s per download, SIGKILL after {wait:?} with {in_flight} upstream blob GETs in flight; {leftovers} temporary file(s) left",
@@ -284,7 +278,7 @@ async fn kill_9_during_concurrent_ingests_never_leaves_corrupt_or_partial_conten
     // Restart for good: no leftovers, and everything is served exactly,
     // from the cache or fetched again.
     let berth = Berth::start_with_dir(cache, &args).await;
-    assert_eq!(tmp_count(cache), 0);
+    assert_eq!(tmp_files(cache).len(), 0);
     let cached: Vec<String> = published_and_intact(cache);
     let missing = blobs.iter().filter(|b| !cached.contains(&b.digest)).count();
     proxy.reset();
@@ -389,14 +383,18 @@ async fn kill_9_between_the_last_byte_and_the_rename_publishes_nothing() {
         published_and_intact(cache).is_empty(),
         "nothing is published before the rename"
     );
-    assert_eq!(tmp_count(cache), 1, "the download is still in tmp/");
+    assert_eq!(tmp_files(cache).len(), 1, "the download is still in tmp/");
     berth.kill9();
     drop(berth);
 
     let (ok, report) = berth_verify(cache);
     assert!(ok && report.contains(": 0 bad"), "berth verify:\n{report}");
     let berth = Berth::start_with_dir(cache, &args).await;
-    assert_eq!(tmp_count(cache), 0, "a restart leaves no temporary file");
+    assert_eq!(
+        tmp_files(cache).len(),
+        0,
+        "a restart leaves no temporary file"
+    );
     assert!(published_and_intact(cache).is_empty());
     let via = RegistryClient::new(&berth.url());
     let again: Bytes = via

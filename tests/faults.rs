@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{blob_path, settled, Berth};
+use common::berth::{blob_path, settled, tmp_files, Berth};
 use common::content::{self, Blob, Image, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::{CountingProxy, Record};
@@ -40,12 +40,6 @@ const MIB: usize = 1 << 20;
 const PATIENCE: Duration = Duration::from_secs(30);
 /// berth's upstream read timeout in the stall tests.
 const READ_TIMEOUT: &str = "1s";
-
-fn tmp_files(berth: &Berth) -> usize {
-    std::fs::read_dir(berth.cache_dir().join("tmp"))
-        .map(|rd| rd.count())
-        .unwrap_or(0)
-}
 
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -239,7 +233,7 @@ async fn cuts_at_any_offset_are_resumed_with_range_and_clients_get_exact_bytes()
         ]
     );
     assert!(settled(env.berth.cache_dir()).await);
-    assert_eq!(tmp_files(&env.berth), 0);
+    assert_eq!(tmp_files(env.berth.cache_dir()).len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +297,7 @@ async fn corrupted_bytes_publish_nothing_and_the_next_request_refetches() {
         }
     }
     until("the temporary file is removed", || {
-        tmp_files(&env.berth) == 0
+        tmp_files(env.berth.cache_dir()).is_empty()
     })
     .await;
     assert!(
@@ -466,7 +460,7 @@ async fn a_stalled_upstream_body_aborts_clients_within_the_bound_and_publishes_n
         "bounded resumes: {gets:?}"
     );
     until("the temporary file is removed", || {
-        tmp_files(&env.berth) == 0
+        tmp_files(env.berth.cache_dir()).is_empty()
     })
     .await;
     assert!(!blob_path(env.berth.cache_dir(), &layer.digest).exists());

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::berth::{blob_path, cli_command, output_text, run_cli, Berth};
+use common::berth::{blob_path, cli_command, output_text, run_cli, tmp_files, Berth};
 use common::content::{self, Image, Index, MediaKind, RegistryClient};
 use common::origin::Origin;
 use common::proxy::CountingProxy;
@@ -39,16 +39,6 @@ async fn berth(args: &[&str]) -> Output {
 }
 
 const KIB: usize = 1024;
-
-fn tmp_files(cache: &Path) -> Vec<String> {
-    std::fs::read_dir(cache.join("tmp"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 async fn ls(cache: &Path, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["ls", "--json", "--cache-dir", cache.to_str().unwrap()];

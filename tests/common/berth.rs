@@ -237,8 +237,7 @@ async fn wait_tcp(child: &mut ChildGuard, port: u16) -> anyhow::Result<()> {
 pub async fn settled(cache: &Path) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let busy = std::fs::read_dir(cache.join("tmp")).map_or(0, |rd| rd.count());
-        if busy == 0 {
+        if tmp_files(cache).is_empty() {
             return true;
         }
         if std::time::Instant::now() > deadline {
@@ -246,6 +245,17 @@ pub async fn settled(cache: &Path) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The names in `cache/tmp/` (downloads in progress or left by a crash).
+pub fn tmp_files(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("tmp"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn blob_path(cache: &Path, digest: &str) -> PathBuf {
